@@ -1,0 +1,254 @@
+"""The float64 diffusion-maths core shared by the schedulers, the pipeline, the losses and evaluation.
+
+Everything here is a pure function of the schedule tables: no scheduler state, no mutation. Tables are
+built once in float64; per-call coefficients are gathered in float64 and cast to the sample's dtype and
+device (the pattern of improved-diffusion's ``gaussian_diffusion.py``), so a float32 or bfloat16 sample
+never sees a schedule that was rounded before the arithmetic that matters.
+
+Equation numbers refer to Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM), and
+Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+Alpha = torch.Tensor | float
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    # Nichol & Dhariwal 2021, eq. 17 with s = 0.008.
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def make_betas(
+    num_train_timesteps: int,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    beta_schedule: str = "linear",
+    trained_betas: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Return the float64 beta schedule of length ``num_train_timesteps``.
+
+    Args:
+        num_train_timesteps: number of diffusion steps T.
+        beta_start, beta_end: first and last beta of the linear-family schedules.
+        beta_schedule: one of ``BETA_SCHEDULES``; ``squaredcos_cap_v2`` is the improved-DDPM cosine
+            schedule with betas capped at 0.999.
+        trained_betas: explicit betas; overrides ``beta_schedule`` when given.
+
+    Returns:
+        A float64 tensor of shape ``(num_train_timesteps,)``.
+    """
+    if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 1:
+        raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+    if trained_betas is not None:
+        betas = torch.as_tensor(list(trained_betas) if not torch.is_tensor(trained_betas) else trained_betas,
+                                dtype=torch.float64).flatten()
+        if betas.numel() != num_train_timesteps:
+            raise ValueError(
+                f"trained_betas has {betas.numel()} values but num_train_timesteps is {num_train_timesteps}"
+            )
+        if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
+            raise ValueError("trained_betas must all be finite and in the open interval (0, 1)")
+        return betas
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    if beta_schedule != "squaredcos_cap_v2":
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < 1):
+                raise ValueError(f"{name} must be a float in (0, 1), got {value!r}")
+        if beta_start > beta_end:
+            raise ValueError(f"beta_start ({beta_start}) must not exceed beta_end ({beta_end})")
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":
+        # Latent-diffusion schedule: linear in sqrt(beta).
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        steps = [i / num_train_timesteps for i in range(num_train_timesteps + 1)]
+        return torch.tensor(
+            [min(1 - _cosine_alpha_bar(b) / _cosine_alpha_bar(a), 0.999) for a, b in zip(steps[:-1], steps[1:])],
+            dtype=torch.float64,
+        )
+    # GeoDiff sigmoid schedule (Xu et al. 2022).
+    x = torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64)
+    return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Shift and scale sqrt(alphas_cumprod) so the last step has zero SNR (Lin et al. 2024, Algorithm 1)."""
+    sqrt_ac = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
+    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    alphas_cumprod = sqrt_ac**2
+    alphas = torch.cat([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
+def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
+    """bar(alpha)_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4), in float64."""
+    return torch.cumprod(1.0 - betas.double(), dim=0)
+
+
+def gather(table: torch.Tensor, timesteps: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """Pick ``table[t]`` per sample and shape it to broadcast against ``like``, in ``like``'s dtype/device.
+
+    ``timesteps`` may be a Python int, a 0-d tensor, or a 1-d tensor with one entry per sample.
+    """
+    t = torch.as_tensor(timesteps, device=table.device).long()
+    values = table[t]
+    values = values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+    return values.to(device=like.device, dtype=like.dtype)
+
+
+def as_alpha(alpha_prod: Alpha, like: torch.Tensor) -> torch.Tensor:
+    """Cast a float64 ``bar(alpha)`` (scalar, 0-d or per-sample) to broadcast against ``like``."""
+    a = torch.as_tensor(alpha_prod, dtype=torch.float64)
+    a = a.reshape(a.shape + (1,) * (like.ndim - a.ndim)) if a.ndim else a
+    return a.to(device=like.device, dtype=like.dtype)
+
+
+# ---- forward process --------------------------------------------------------------------------------------------
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_prod_t: Alpha) -> torch.Tensor:
+    """x_t = sqrt(bar(alpha)_t) x_0 + sqrt(1 - bar(alpha)_t) eps (DDPM eq. 4)."""
+    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    return as_alpha(a.sqrt(), x0) * x0 + as_alpha((1 - a).sqrt(), x0) * noise
+
+
+def velocity(x0: torch.Tensor, noise: torch.Tensor, alpha_prod_t: Alpha) -> torch.Tensor:
+    """v = sqrt(bar(alpha)_t) eps - sqrt(1 - bar(alpha)_t) x_0 (Salimans & Ho 2022, sec. 4)."""
+    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    return as_alpha(a.sqrt(), x0) * noise - as_alpha((1 - a).sqrt(), x0) * x0
+
+
+# ---- parameterisation conversions -------------------------------------------------------------------------------
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha, prediction_type: str) -> torch.Tensor:
+    """x_0 from the network's output: eps (DDPM eq. 15), x_0 itself, or v."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "sample":
+        return model_output
+    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    if prediction_type == "epsilon":
+        return (sample - as_alpha((1 - a).sqrt(), sample) * model_output) / as_alpha(a.sqrt(), sample)
+    return as_alpha(a.sqrt(), sample) * sample - as_alpha((1 - a).sqrt(), sample) * model_output
+
+
+def predict_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha, prediction_type: str) -> torch.Tensor:
+    """eps from the network's output: eps itself, from x_0 (inverting eq. 4), or from v."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return model_output
+    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    if prediction_type == "sample":
+        return (sample - as_alpha(a.sqrt(), sample) * model_output) / as_alpha((1 - a).sqrt(), sample)
+    return as_alpha(a.sqrt(), sample) * model_output + as_alpha((1 - a).sqrt(), sample) * sample
+
+
+def eps_from_x0(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha) -> torch.Tensor:
+    """eps implied by x_t and a (possibly clipped) x_0: (x_t - sqrt(bar(alpha)) x_0) / sqrt(1 - bar(alpha))."""
+    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    return (sample - as_alpha(a.sqrt(), sample) * x0) / as_alpha((1 - a).sqrt(), sample)
+
+
+# ---- reverse process --------------------------------------------------------------------------------------------
+
+
+def step_beta(alpha_prod_t: Alpha, alpha_prod_prev: Alpha) -> torch.Tensor:
+    """beta of the visited pair (t, prev): 1 - bar(alpha)_t / bar(alpha)_prev.
+
+    For a respaced sampler this is the beta of the jump, not the training beta at t (improved DDPM, sec. 4).
+    """
+    a_t = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    a_prev = torch.as_tensor(alpha_prod_prev, dtype=torch.float64)
+    return 1.0 - a_t / a_prev
+
+
+def q_posterior_coefficients(alpha_prod_t: Alpha, alpha_prod_prev: Alpha) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean coefficients and variance of q(x_prev | x_t, x_0) (DDPM eq. 6-7), in float64.
+
+    Returns:
+        ``(coef_x0, coef_xt, variance)`` with mean = coef_x0 * x_0 + coef_xt * x_t and
+        variance = beta_tilde = (1 - bar(alpha)_prev) / (1 - bar(alpha)_t) * beta_t.
+    """
+    a_t = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    a_prev = torch.as_tensor(alpha_prod_prev, dtype=torch.float64)
+    beta = 1.0 - a_t / a_prev
+    coef_x0 = a_prev.sqrt() * beta / (1 - a_t)
+    coef_xt = (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)
+    variance = (1 - a_prev) / (1 - a_t) * beta
+    return coef_x0, coef_xt, variance
+
+
+def q_posterior_mean(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha, alpha_prod_prev: Alpha) -> torch.Tensor:
+    """mu_tilde(x_t, x_0) of DDPM eq. 7, in the sample's dtype."""
+    coef_x0, coef_xt, _ = q_posterior_coefficients(alpha_prod_t, alpha_prod_prev)
+    return as_alpha(coef_x0, sample) * x0 + as_alpha(coef_xt, sample) * sample
+
+
+def ddim_sigma(alpha_prod_t: Alpha, alpha_prod_prev: Alpha, eta: float) -> torch.Tensor:
+    """sigma_t(eta) of DDIM eq. 16; eta = 1 gives the DDPM posterior standard deviation."""
+    _, _, variance = q_posterior_coefficients(alpha_prod_t, alpha_prod_prev)
+    return eta * variance.clamp(min=0).sqrt()
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_prev: Alpha, sigma: Alpha) -> torch.Tensor:
+    """The deterministic part of DDIM eq. 12: sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps."""
+    a_prev = torch.as_tensor(alpha_prod_prev, dtype=torch.float64)
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    direction = (1 - a_prev - s**2).clamp(min=0).sqrt()
+    return as_alpha(a_prev.sqrt(), x0) * x0 + as_alpha(direction, eps) * eps
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3), per sample, in float32 or wider."""
+    dtype = x0.dtype
+    flat = x0.reshape(x0.shape[0], -1)
+    if dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(dtype)
+
+
+# ---- likelihood terms (DDPM sec. 3.3, improved-DDPM sec. 2) ------------------------------------------------------
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x), exact through erf (float64 keeps the tails usable)."""
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) of data in [-1, 1] quantised to 256 bins under N(mean, exp(log_scale)^2) (DDPM eq. 13).
+
+    The edge bins extend to -inf and +inf. Computed in float64.
+    """
+    x, mean, log_scale = x.double(), mean.double(), log_scale.double()
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-300))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-300))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-300))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
