@@ -1,4 +1,18 @@
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithCardTemplate(build_py):
+    """Ship the repo-root model_card.md template inside the built package."""
+
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:
+            shutil.copy(Path(__file__).parent / "model_card.md", Path(self.build_lib) / "ddpm_hf" / "model_card.md")
+
 
 setup(
     name="ddpm_hf",
@@ -7,6 +21,7 @@ setup(
     "a pipeline and an accelerate training script.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    cmdclass={"build_py": BuildPyWithCardTemplate},
     package_dir={"": "src"},
     packages=find_packages("src"),
     python_requires=">=3.10",

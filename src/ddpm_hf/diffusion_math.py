@@ -48,6 +48,8 @@ def make_betas(
     """
     if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
     if trained_betas is not None:
         betas = torch.as_tensor(list(trained_betas) if not torch.is_tensor(trained_betas) else trained_betas,
                                 dtype=torch.float64).flatten()
@@ -58,11 +60,9 @@ def make_betas(
         if not torch.isfinite(betas).all() or (betas <= 0).any() or (betas >= 1).any():
             raise ValueError("trained_betas must all be finite and in the open interval (0, 1)")
         return betas
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
     if beta_schedule != "squaredcos_cap_v2":
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < 1):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
                 raise ValueError(f"{name} must be a float in (0, 1), got {value!r}")
         if beta_start > beta_end:
             raise ValueError(f"beta_start ({beta_start}) must not exceed beta_end ({beta_end})")
@@ -138,32 +138,80 @@ def check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha, prediction_type: str) -> torch.Tensor:
-    """x_0 from the network's output: eps (DDPM eq. 15), x_0 itself, or v."""
+def _is_float(c: Alpha, value: float) -> bool:
+    return isinstance(c, float) and c == value
+
+
+def _scale(c: Alpha, x: torch.Tensor) -> torch.Tensor:
+    return x if _is_float(c, 1.0) else x * c
+
+
+def combine(c_a: Alpha, a: torch.Tensor, c_b: Alpha, b: torch.Tensor) -> torch.Tensor:
+    """``c_a * a + c_b * b``: how every formula below is applied once its coefficients are known.
+
+    Coefficients are Python floats (precomputed per timestep table by the schedulers: no device sync, and the
+    kernel casts them to the tensor's dtype) or tensors already shaped to broadcast. Float 0 and 1 skip work.
+    """
+    if _is_float(c_a, 0.0):
+        return _scale(c_b, b)
+    if _is_float(c_b, 0.0):
+        return _scale(c_a, a)
+    if isinstance(c_b, float):
+        return torch.add(_scale(c_a, a), b, alpha=c_b)
+    return torch.add(_scale(c_a, a), _scale(c_b, b))
+
+
+def x0_coefficients(alpha_prod_t: Alpha, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_sample, c_output)`` with x_0 = c_sample * x_t + c_output * model_output, in float64.
+
+    eps: x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) (DDPM eq. 4 solved for x_0, as in eq. 15);
+    sample: x_0 is the output; v: x_0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022, sec. 4).
+    """
     check_prediction_type(prediction_type)
-    if prediction_type == "sample":
-        return model_output
     a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
     if prediction_type == "epsilon":
-        return (sample - as_alpha((1 - a).sqrt(), sample) * model_output) / as_alpha(a.sqrt(), sample)
-    return as_alpha(a.sqrt(), sample) * sample - as_alpha((1 - a).sqrt(), sample) * model_output
+        return 1 / a.sqrt(), -(1 - a).sqrt() / a.sqrt()
+    if prediction_type == "sample":
+        return torch.zeros_like(a), torch.ones_like(a)
+    return a.sqrt(), -(1 - a).sqrt()
+
+
+def eps_coefficients(alpha_prod_t: Alpha, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_sample, c_output)`` with eps = c_sample * x_t + c_output * model_output, in float64.
+
+    eps: the output; sample: eps = (x_t - sqrt(a) x_0) / sqrt(1 - a); v: eps = sqrt(a) v + sqrt(1 - a) x_t.
+    """
+    check_prediction_type(prediction_type)
+    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
+    if prediction_type == "epsilon":
+        return torch.zeros_like(a), torch.ones_like(a)
+    if prediction_type == "sample":
+        return 1 / (1 - a).sqrt(), -a.sqrt() / (1 - a).sqrt()
+    return (1 - a).sqrt(), a.sqrt()
+
+
+def _apply(coefficients: tuple[torch.Tensor, torch.Tensor], sample: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    c_sample, c_other = coefficients
+    return combine(as_alpha(c_sample, sample), sample, as_alpha(c_other, sample), other)
+
+
+def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha, prediction_type: str) -> torch.Tensor:
+    """x_0 from the network's output: eps (DDPM eq. 15), x_0 itself, or v."""
+    if prediction_type == "sample":
+        return model_output
+    return _apply(x0_coefficients(alpha_prod_t, prediction_type), sample, model_output)
 
 
 def predict_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha, prediction_type: str) -> torch.Tensor:
     """eps from the network's output: eps itself, from x_0 (inverting eq. 4), or from v."""
-    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return model_output
-    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
-    if prediction_type == "sample":
-        return (sample - as_alpha(a.sqrt(), sample) * model_output) / as_alpha((1 - a).sqrt(), sample)
-    return as_alpha(a.sqrt(), sample) * model_output + as_alpha((1 - a).sqrt(), sample) * sample
+    return _apply(eps_coefficients(alpha_prod_t, prediction_type), sample, model_output)
 
 
 def eps_from_x0(x0: torch.Tensor, sample: torch.Tensor, alpha_prod_t: Alpha) -> torch.Tensor:
     """eps implied by x_t and a (possibly clipped) x_0: (x_t - sqrt(bar(alpha)) x_0) / sqrt(1 - bar(alpha))."""
-    a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
-    return (sample - as_alpha(a.sqrt(), sample) * x0) / as_alpha((1 - a).sqrt(), sample)
+    return _apply(eps_coefficients(alpha_prod_t, "sample"), sample, x0)
 
 
 # ---- reverse process --------------------------------------------------------------------------------------------
@@ -207,12 +255,54 @@ def ddim_sigma(alpha_prod_t: Alpha, alpha_prod_prev: Alpha, eta: float) -> torch
     return eta * variance.clamp(min=0).sqrt()
 
 
-def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_prev: Alpha, sigma: Alpha) -> torch.Tensor:
-    """The deterministic part of DDIM eq. 12: sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps."""
+def ddim_coefficients(alpha_prod_prev: Alpha, sigma: Alpha) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_x0, c_eps)`` of DDIM eq. 12: x_prev = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+
+    Also the DDIM inversion step (eq. 12 read from t to a later t with sigma = 0).
+    """
     a_prev = torch.as_tensor(alpha_prod_prev, dtype=torch.float64)
     s = torch.as_tensor(sigma, dtype=torch.float64)
-    direction = (1 - a_prev - s**2).clamp(min=0).sqrt()
-    return as_alpha(a_prev.sqrt(), x0) * x0 + as_alpha(direction, eps) * eps
+    return a_prev.sqrt(), (1 - a_prev - s**2).clamp(min=0).sqrt()
+
+
+def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_prod_prev: Alpha, sigma: Alpha) -> torch.Tensor:
+    """The deterministic part of DDIM eq. 12: sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps."""
+    return _apply(ddim_coefficients(alpha_prod_prev, sigma), x0, eps)
+
+
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+# Floor for the posterior variance before its log: beta_tilde is exactly 0 on a step to bar(alpha) = 1.
+POSTERIOR_VARIANCE_FLOOR = 1e-20
+
+
+def posterior_log_variance_bounds(alpha_prod_t: Alpha, alpha_prod_prev: Alpha) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log beta_tilde, log beta)`` of the visited pair: the two fixed choices of DDPM sec. 3.2, in float64.
+
+    sigma^2 = beta_tilde (eq. 7, "fixed_small") is the lower and sigma^2 = beta ("fixed_large") the upper bound on
+    the reverse-process variance; improved DDPM interpolates between their logs. beta_tilde is floored at
+    ``POSTERIOR_VARIANCE_FLOOR`` so the log stays finite.
+    """
+    _, _, variance = q_posterior_coefficients(alpha_prod_t, alpha_prod_prev)
+    return variance.clamp(min=POSTERIOR_VARIANCE_FLOOR).log(), step_beta(alpha_prod_t, alpha_prod_prev).log()
+
+
+def fixed_log_variance(variance_type: str, min_log: Alpha, max_log: Alpha) -> Alpha:
+    """The log variance of a fixed variance type: beta_tilde for ``fixed_small*``, beta for ``fixed_large*``.
+
+    The ``_log`` variants are the same distribution (improved-diffusion keeps them for log-likelihood code).
+    """
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        return min_log
+    if variance_type in ("fixed_large", "fixed_large_log"):
+        return max_log
+    raise ValueError(f"variance_type must be one of {VARIANCE_TYPES[:4]} here, got {variance_type!r}")
+
+
+def learned_range_log_variance(model_var_values: torch.Tensor, min_log: Alpha, max_log: Alpha) -> torch.Tensor:
+    """log Sigma = f log beta + (1 - f) log beta_tilde with f = (v + 1) / 2 (improved DDPM eq. 15)."""
+    frac = (model_var_values + 1) * 0.5
+    return frac * max_log + (1 - frac) * min_log
 
 
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""Atomic training checkpoints on top of ``accelerate``'s ``save_state``/``load_state``.
+
+A checkpoint is written to ``.checkpoint-N.partial`` and renamed to ``checkpoint-N`` only once every file
+(accelerate's model/optimizer/RNG files plus ours, written by registered hooks) is on disk, and only a folder
+holding our completion marker counts as a checkpoint. A kill mid-save therefore never leaves a folder that
+``--resume_from_checkpoint latest`` would pick, and rotation (``--checkpoints_total_limit``) runs only after a
+successful save and never removes the checkpoint just written.
+
+Our files in each checkpoint (besides accelerate's ``model.safetensors``, ``optimizer.bin``,
+``random_states_<rank>.pkl``): ``training_state.json`` (step, epoch, position in the epoch, LR scheduler state,
+EMA counters), ``ema.safetensors`` (EMA weights) and ``generator_<rank>.safetensors`` (the noise/timestep RNG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+MARKER = "ddpm_hf_checkpoint.json"
+STATE_FILE = "training_state.json"
+EMA_FILE = "ema.safetensors"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: optimizer steps done, the epoch, and micro-batches consumed in that epoch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    skipped_nonfinite: int = 0
+
+
+def is_complete(path: str) -> bool:
+    """Whether ``path`` is a checkpoint whose save finished (it holds the completion marker)."""
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete ``checkpoint-N`` folders in ``output_dir`` as ``(N, path)``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if match and is_complete(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str, spec: str | None) -> str | None:
+    """Turn ``--resume_from_checkpoint`` into a folder: ``latest`` (None if there is none yet), or a path.
+
+    A relative path that is not a folder is also looked up inside ``output_dir`` (as diffusers' example does).
+
+    Raises:
+        ValueError: a given path is missing or not a complete checkpoint.
+    """
+    if spec is None:
+        return None
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
+    if not os.path.isdir(path):
+        raise ValueError(f"--resume_from_checkpoint {spec!r}: no such folder (use 'latest' or a checkpoint path)")
+    if not is_complete(path):
+        raise ValueError(f"--resume_from_checkpoint {spec!r}: {path} is not a complete checkpoint (no {MARKER})")
+    return path
+
+
+def remove_partial(output_dir: str) -> None:
+    """Delete leftovers of interrupted saves (``.checkpoint-*.partial`` / ``.old``)."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(f".{PREFIX}") and name.endswith((".partial", ".old")):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def rotate(output_dir: str, total_limit: int | None, keep: str) -> list[str]:
+    """Remove the oldest complete checkpoints beyond ``total_limit``, never ``keep``; returns removed paths."""
+    if total_limit is None:
+        return []
+    candidates = [path for _, path in list_checkpoints(output_dir) if os.path.abspath(path) != os.path.abspath(keep)]
+    excess = len(candidates) + 1 - total_limit
+    removed = candidates[: max(0, excess)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("Removed old checkpoint %s (--checkpoints_total_limit %d)", path, total_limit)
+    return removed
+
+
+def save_checkpoint(accelerator: Any, output_dir: str, step: int, total_limit: int | None = None) -> str:
+    """Save the accelerator's state as ``output_dir/checkpoint-{step}``, atomically; call on every process.
+
+    Raises:
+        OSError: the save failed (disk full, permissions); the message names the path. Earlier checkpoints
+            are left untouched.
+    """
+    final = os.path.join(output_dir, f"{PREFIX}{step}")
+    partial = os.path.join(output_dir, f".{PREFIX}{step}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {final} (via {partial}): {err}") from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            with open(os.path.join(partial, MARKER), "w") as f:
+                json.dump({"step": step}, f)
+            _replace_dir(partial, final)
+        except OSError as err:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(f"could not write checkpoint {final}: {err}") from err
+        rotate(output_dir, total_limit, keep=final)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _replace_dir(src: str, dst: str) -> None:
+    # os.replace cannot overwrite a non-empty folder: move the old one aside first, then drop it.
+    if os.path.exists(dst):
+        old = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+class StateHooks:
+    """Save/load hooks that put our training state beside accelerate's files in every checkpoint.
+
+    Args:
+        progress: the `TrainProgress` to save and restore in place.
+        lr_scheduler: stepped once per optimizer step by the training loop (not by accelerate).
+        generator: the per-process RNG for noise and timesteps.
+        ema: the `EMA`, or None.
+        process_index: this process's rank.
+    """
+
+    def __init__(self, progress: TrainProgress, lr_scheduler: Any, generator: torch.Generator, ema: Any,
+                 process_index: int):
+        self.progress = progress
+        self.lr_scheduler = lr_scheduler
+        self.generator = generator
+        self.ema = ema
+        self.process_index = process_index
+
+    def register(self, accelerator: Any) -> None:
+        accelerator.register_save_state_pre_hook(lambda models, weights, path: self.save(path))
+        accelerator.register_load_state_pre_hook(lambda models, path: self.load(path))
+
+    def _generator_file(self, path: str) -> str:
+        return os.path.join(path, f"generator_{self.process_index}.safetensors")
+
+    def save(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        save_file({"state": self.generator.get_state()}, self._generator_file(path))
+        if self.process_index != 0:
+            return
+        state = {"progress": asdict(self.progress), "lr_scheduler": _jsonable(self.lr_scheduler.state_dict())}
+        if self.ema is not None:
+            ema_state = self.ema.state_dict()
+            save_file(ema_state["tensors"], os.path.join(path, EMA_FILE))
+            state["ema"] = ema_state["meta"]
+        with open(os.path.join(path, STATE_FILE), "w") as f:
+            json.dump(state, f, indent=2)
+
+    def load(self, path: str) -> None:
+        state_file = os.path.join(path, STATE_FILE)
+        try:
+            with open(state_file) as f:
+                state = json.load(f)
+            generator_state = load_file(self._generator_file(path))["state"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"checkpoint {path} is unreadable or from another program: {err}") from err
+        for key, value in state["progress"].items():
+            setattr(self.progress, key, value)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.generator.set_state(generator_state)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"checkpoint {path} has no EMA weights but --use_ema is set")
+            self.ema.load_state_dict({"tensors": load_file(os.path.join(path, EMA_FILE)), "meta": state["ema"]})
+
+
+def _jsonable(obj: Any) -> Any:
+    """LR-scheduler state as JSON: numbers and lists stay exact, callables (lambdas) become None."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    return None

@@ -1,0 +1,433 @@
+"""Sample-quality and likelihood metrics for an unconditional pipeline; ``python -m ddpm_hf.evaluate PIPELINE_DIR``.
+
+FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to features of generated and real
+images. Its feature extractor is pluggable:
+
+* ``digits`` (always available, offline): the 64 penultimate activations of a small classifier trained, with a
+  fixed seed, on the train split of scikit-learn's 8x8 digits (weights cached as safetensors). Any image is
+  averaged to grey and area-resized to 8x8 first. The same classifier gives the class balance and the mean
+  confidence of generated digits.
+* ``inception``: the standard 2048-d pool features of the FID Inception network, from a local TorchScript file
+  (clean-fid's / StyleGAN's ``inception-2015-12-05.pt``) named by ``DDPM_HF_INCEPTION_WEIGHTS`` or an argument.
+  Nothing is ever downloaded. Images are resized bilinearly to 299x299 here, so numbers are close to but not
+  bit-identical with clean-fid's PIL-bicubic pipeline.
+
+Every FID comes with its floor: the same distance between two halves of the real images, the score of a perfect
+model at that sample size. Generated samples are compared with the second half, and as many are drawn as the
+first half holds unless asked otherwise, so FID and floor share their sample sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+FEATURE_EXTRACTORS = ("auto", "digits", "inception")
+INCEPTION_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
+CACHE_ENV = "DDPM_HF_CACHE"
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.25
+_CLASSIFIER_FILE = "digits_classifier_v1.safetensors"  # bump the version whenever the net or its training changes
+
+
+# ---- the digits split and classifier -----------------------------------------------------------------------------
+
+
+def digits_split_indices(split: str) -> np.ndarray:
+    """Indices into ``sklearn.datasets.load_digits()`` of a fixed, stratified split.
+
+    Args:
+        split: ``"train"`` (75 %), ``"test"`` (25 %) or ``"all"``.
+
+    Returns:
+        Sorted int64 indices.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits().target
+    if split == "all":
+        return np.arange(len(labels))
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be one of ('train', 'test', 'all'), got {split!r}")
+    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, stratify=labels,
+                                   random_state=DIGITS_SPLIT_SEED)
+    return np.sort(train if split == "train" else test)
+
+
+def _digits_8x8(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw 8x8 digits of ``split`` as ``(N, 1, 8, 8)`` in [-1, 1] and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    idx = digits_split_indices(split)
+    images = torch.from_numpy(digits.images[idx].astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
+    return images, torch.from_numpy(digits.target[idx]).long()
+
+
+def to_digit_input(images: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` images in [-1, 1] -> ``(N, 1, 8, 8)`` grey digits, the classifier's input."""
+    grey = images.float().mean(dim=1, keepdim=True)
+    return grey if grey.shape[-2:] == (8, 8) else F.interpolate(grey, size=(8, 8), mode="area")
+
+
+class DigitsClassifier(nn.Module):
+    """A 64-128-64-10 MLP on 8x8 grey digits; its 64 penultimate activations are the FID features."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64), nn.SiLU())
+        self.head = nn.Linear(64, 10)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(to_digit_input(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def _train_digits_classifier() -> DigitsClassifier:
+    # Callers may be under no_grad / inference_mode (evaluate_pipeline is); training needs autograd and tensors
+    # created outside inference mode.
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        images, labels = _digits_8x8("train")
+        # Also train on the 16x16-bilinear-and-back round trip, the path real and generated 16x16 digits take.
+        round_trip = to_digit_input(F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False))
+        x, y = torch.cat([images, round_trip]), torch.cat([labels, labels])
+        torch.manual_seed(DIGITS_SPLIT_SEED)
+        model = DigitsClassifier()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(100):  # full batch: 1-2 s on one CPU thread
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm_hf"
+
+
+def load_digits_classifier() -> DigitsClassifier:
+    """The digits classifier: loaded from the cache (``$DDPM_HF_CACHE`` or ``~/.cache/ddpm_hf``) or trained.
+
+    Training is deterministic (fixed seed, full batch) and takes a second or two; the weights are then cached as
+    safetensors (written atomically). A missing, unreadable or unwritable cache only costs the retraining.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    path = _cache_dir() / _CLASSIFIER_FILE
+    model = DigitsClassifier()
+    try:
+        model.load_state_dict(load_file(path))
+        return model.eval()
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+        if path.exists():
+            logger.warning("Ignoring unreadable digits classifier cache %s (%s); retraining.", path, err)
+    model = _train_digits_classifier()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.info("Could not cache the digits classifier at %s (%s).", path, err)
+    return model
+
+
+# ---- Inception ---------------------------------------------------------------------------------------------------
+
+
+def inception_weights_path(path: str | None = None) -> Path | None:
+    """The local Inception TorchScript file from ``path`` or ``$DDPM_HF_INCEPTION_WEIGHTS``, or None if unset."""
+    chosen = path or os.environ.get(INCEPTION_ENV)
+    return Path(chosen) if chosen else None
+
+
+def load_inception_features(path: str | None = None) -> FeatureFn:
+    """Inception pool features from a local TorchScript file (``model(x, return_features=True)``, x in [0, 255]).
+
+    Raises:
+        FileNotFoundError: naming the path, or the environment variable to set when none was given.
+    """
+    weights = inception_weights_path(path)
+    if weights is None or not weights.is_file():
+        where = f"{str(weights)!r} does not exist" if weights else f"neither inception_weights nor ${INCEPTION_ENV} is set"
+        raise FileNotFoundError(
+            f"Inception FID needs local weights and {where}. Set {INCEPTION_ENV} (or pass inception_weights) to a "
+            "TorchScript inception-2015-12-05.pt (clean-fid / StyleGAN format); nothing is downloaded. "
+            "The digits feature extractor works offline: feature_extractor='digits'."
+        )
+    with warnings.catch_warnings():
+        # The published FID Inception weights exist only as TorchScript, whose loader torch now marks deprecated.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
+        model = torch.jit.load(str(weights), map_location="cpu").eval()
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        rgb = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()[:, :3]
+        x = F.interpolate(rgb, size=(299, 299), mode="bilinear", align_corners=False)
+        return model((x.clamp(-1, 1) + 1) * 127.5, return_features=True).reshape(len(images), -1)
+
+    return features
+
+
+# ---- statistics --------------------------------------------------------------------------------------------------
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). The trace of the square root is taken
+    as that of the symmetric PSD matrix (sigma1^(1/2) sigma2 sigma1^(1/2))^(1/2), which has the same eigenvalues,
+    via eigendecompositions: no complex parts arise, and singular covariances (fewer samples than features) are
+    fine, where ``scipy.linalg.sqrtm`` needs a diagonal offset and drops imaginary residue.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of ``(N, D)`` features, in float64."""
+    f = features.detach().double().cpu().numpy()
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2, got shape {tuple(f.shape)}")
+    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between two feature sets ``(N, D)`` and ``(M, D)``."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def class_statistics(logits: torch.Tensor) -> dict[str, Any]:
+    """Class histogram, balance (entropy / log 10: 1 = uniform) and mean max-softmax confidence."""
+    probs = logits.double().softmax(-1)
+    hist = torch.bincount(probs.argmax(-1), minlength=10).double() / len(probs)
+    entropy = -(hist[hist > 0] * hist[hist > 0].log()).sum().item()
+    return {
+        "class_histogram": [round(v, 4) for v in hist.tolist()],
+        "class_balance": entropy / math.log(10) + 0.0,  # + 0.0 turns the -0.0 of a single class into 0.0
+        "classifier_confidence": probs.max(-1).values.mean().item(),
+    }
+
+
+# ---- the pipeline side -------------------------------------------------------------------------------------------
+
+
+def generate(pipeline, num_samples: int, batch_size: int, num_inference_steps: int | None,
+             generator: torch.Generator) -> torch.Tensor:
+    """Draw ``num_samples`` images as ``(N, C, H, W)`` in [-1, 1] through the diffusers call convention."""
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)
+    kwargs = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+    batches = []
+    for start in range(0, num_samples, batch_size):
+        out = pipeline(batch_size=min(batch_size, num_samples - start), generator=generator, output_type="np", **kwargs)
+        images = torch.from_numpy(np.asarray(out.images, dtype=np.float32))
+        batches.append(images.permute(0, 3, 1, 2) * 2 - 1)
+    return torch.cat(batches)
+
+
+def bits_per_dim(pipeline, images: torch.Tensor, batch_size: int, generator: torch.Generator) -> float | None:
+    """Mean bits/dim of ``images`` (in [-1, 1]) through ``pipeline.log_likelihood``, or None (logged) if it has none.
+
+    ``log_likelihood`` receives NCHW images in [0, 1], the range of the pipeline's own outputs (as
+    ``ddpm_hf.DDPMPipeline.log_likelihood`` takes them; it quantises to 8 bits itself).
+    """
+    log_likelihood = getattr(pipeline, "log_likelihood", None)
+    if log_likelihood is None:
+        logger.info("%s has no log_likelihood method: bits/dim skipped.", type(pipeline).__name__)
+        return None
+    images01 = (images.clamp(-1, 1) + 1) / 2  # log_likelihood takes pipeline-output range and quantises itself
+    takes_generator = "generator" in inspect.signature(log_likelihood).parameters
+    values = []
+    for start in range(0, len(images01), batch_size):
+        batch = images01[start : start + batch_size]
+        result = log_likelihood(batch, generator=generator) if takes_generator else log_likelihood(batch)
+        values.append(torch.as_tensor(getattr(result, "bits_per_dim", result)).double().reshape(-1).cpu())
+    return torch.cat(values).mean().item()
+
+
+def _feature_fns(feature_extractor: str | Mapping[str, FeatureFn], classifier: DigitsClassifier,
+                 inception_weights: str | None) -> dict[str, FeatureFn]:
+    if isinstance(feature_extractor, Mapping):
+        if not feature_extractor or not all(callable(f) for f in feature_extractor.values()):
+            raise TypeError("feature_extractor as a mapping must be a non-empty {name: callable(images) -> features}")
+        return dict(feature_extractor)
+    if feature_extractor not in FEATURE_EXTRACTORS:
+        raise ValueError(f"feature_extractor must be one of {FEATURE_EXTRACTORS} or a mapping, got {feature_extractor!r}")
+    fns: dict[str, FeatureFn] = {}
+    if feature_extractor in ("auto", "digits"):
+        fns["digits"] = classifier.features
+    if feature_extractor == "inception":
+        fns["inception"] = load_inception_features(inception_weights)
+    elif feature_extractor == "auto":
+        weights = inception_weights_path(inception_weights)
+        if weights is not None and weights.is_file():
+            fns["inception"] = load_inception_features(str(weights))
+        else:
+            logger.info("Inception FID skipped: no local weights (set %s to a TorchScript "
+                        "inception-2015-12-05.pt to enable it).", INCEPTION_ENV)
+    return fns
+
+
+def _batched(fn: FeatureFn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def evaluate_pipeline(
+    pipeline,
+    real_images: torch.Tensor,
+    num_samples: int | None = None,
+    batch_size: int = 128,
+    num_inference_steps: int | None = 100,
+    generator: torch.Generator | None = None,
+    feature_extractor: str | Mapping[str, FeatureFn] = "auto",
+    *,
+    heldout_images: torch.Tensor | None = None,
+    num_bpd_images: int = 64,
+    inception_weights: str | None = None,
+) -> dict[str, Any]:
+    """Sample from ``pipeline`` and measure FID (+ floor), digit class balance and confidence, and bits/dim.
+
+    Args:
+        pipeline: a diffusers-style pipeline: ``pipeline(batch_size=, generator=, num_inference_steps=,
+            output_type="np").images`` in [0, 1]; bits/dim needs a ``log_likelihood(images)`` method too.
+        real_images: ``(N, C, H, W)`` real images in [-1, 1], N >= 4; split into two fixed halves A and B.
+        num_samples: images to generate; ``None`` draws as many as half A holds (FID and floor then share
+            their sample sizes).
+        batch_size: batch size for sampling, features and likelihood.
+        num_inference_steps: sampler steps; ``None`` uses the pipeline's default.
+        generator: seeds sampling and the real-image split; ``None`` uses ``torch.Generator().manual_seed(0)``.
+        feature_extractor: ``"digits"``, ``"inception"`` (local weights required), ``"auto"`` (digits, plus
+            Inception when its weights are available), or a mapping ``{name: images -> (N, D) features}``.
+        heldout_images: images for bits/dim (``None``: the first ``num_bpd_images`` of half A).
+        num_bpd_images: images for bits/dim; 0 skips it.
+        inception_weights: path of the Inception TorchScript file (else ``$DDPM_HF_INCEPTION_WEIGHTS``).
+
+    Returns:
+        ``fid_<name>`` and ``fid_<name>_floor`` per feature extractor, ``class_histogram``, ``class_balance``,
+        ``classifier_confidence`` (and ``classifier_confidence_real`` for reference), ``bits_per_dim`` when the
+        pipeline has ``log_likelihood``, and the sample counts used.
+    """
+    if not torch.is_tensor(real_images) or real_images.ndim != 4 or len(real_images) < 4:
+        shape = tuple(real_images.shape) if torch.is_tensor(real_images) else type(real_images).__name__
+        raise ValueError(f"real_images must be a (N, C, H, W) tensor with N >= 4, got {shape}")
+    for name, value, low in (("batch_size", batch_size, 1), ("num_bpd_images", num_bpd_images, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2):
+        raise ValueError(f"num_samples must be an int >= 2 or None, got {num_samples!r}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    classifier = load_digits_classifier()
+    fns = _feature_fns(feature_extractor, classifier, inception_weights)
+
+    real = real_images.float().cpu()[torch.randperm(len(real_images), generator=generator)]
+    half_a, half_b = real[: len(real) // 2], real[len(real) // 2 :]
+    fake = generate(pipeline, num_samples or len(half_a), batch_size, num_inference_steps, generator)
+    metrics: dict[str, Any] = {"num_generated": len(fake), "num_real_a": len(half_a), "num_real_b": len(half_b)}
+    for name, fn in fns.items():
+        feats_b = _batched(fn, half_b, batch_size)
+        metrics[f"fid_{name}"] = fid_from_features(_batched(fn, fake, batch_size), feats_b)
+        metrics[f"fid_{name}_floor"] = fid_from_features(_batched(fn, half_a, batch_size), feats_b)
+    metrics.update(class_statistics(_batched(classifier, fake, batch_size)))
+    metrics["classifier_confidence_real"] = class_statistics(_batched(classifier, half_b, batch_size))["classifier_confidence"]
+    if num_bpd_images:
+        heldout = heldout_images if heldout_images is not None else half_a
+        bpd = bits_per_dim(pipeline, heldout[:num_bpd_images], batch_size, generator)
+        if bpd is not None:
+            metrics["bits_per_dim"] = bpd
+    return metrics
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def digits_real_images(split: str, resolution: int, num_channels: int) -> torch.Tensor:
+    """The built-in digits of ``split`` exactly as training sees them (``ddpm_hf.data``), channels repeated."""
+    from .data import load_digits_tensor
+
+    images = load_digits_tensor(resolution)[torch.from_numpy(digits_split_indices(split))]
+    return images.expand(-1, num_channels, -1, -1).contiguous()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ddpm_hf.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("pipeline_dir", help="a saved pipeline folder (or Hub repo id) that ddpm_hf.DDPMPipeline loads")
+    p.add_argument("--num_samples", type=int, default=None, help="images to generate (default: half the real set)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num_inference_steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature_extractor", choices=FEATURE_EXTRACTORS, default="auto")
+    p.add_argument("--inception_weights", default=None, help=f"TorchScript Inception file (default: ${INCEPTION_ENV})")
+    p.add_argument("--real_split", choices=("all", "train", "test"), default="all",
+                   help="digits used as the real set for FID")
+    p.add_argument("--bpd_split", choices=("all", "train", "test"), default="test",
+                   help="digits used for bits/dim (held out only if training left them out)")
+    p.add_argument("--num_bpd_images", type=int, default=64, help="0 skips bits/dim")
+    p.add_argument("--output", default=None, help="also write the metrics JSON to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Load a pipeline, evaluate it against the built-in digits, print the metrics as JSON and return them."""
+    args = _parser().parse_args(argv)
+    from . import DDPMPipeline
+
+    pipeline = DDPMPipeline.from_pretrained(args.pipeline_dir)
+    config = pipeline.unet.config
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    generator = torch.Generator().manual_seed(args.seed)
+    metrics = evaluate_pipeline(
+        pipeline,
+        digits_real_images(args.real_split, size, config.in_channels),
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        num_inference_steps=args.num_inference_steps,
+        generator=generator,
+        feature_extractor=args.feature_extractor,
+        heldout_images=digits_real_images(args.bpd_split, size, config.in_channels),
+        num_bpd_images=args.num_bpd_images,
+        inception_weights=args.inception_weights,
+    )
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return metrics
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    main()

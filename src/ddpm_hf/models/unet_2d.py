@@ -1,0 +1,345 @@
+"""``UNet2DModel``: the DDPM epsilon-network, a faster drop-in for ``diffusers.UNet2DModel`` (0.42.1).
+
+Same config arguments and defaults, same parameter names and shapes, same outputs (to float32 rounding), so a
+diffusers checkpoint loads here with ``from_pretrained`` and ours loads in stock diffusers. Architecture: Ho et
+al. 2020, Appendix B (PixelCNN++-style U-Net with wide-ResNet blocks, GroupNorm, sinusoidal time embedding and
+self-attention at chosen resolutions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from .blocks import ACTIVATIONS, DownBlock, MidBlock, UpBlock, activation
+from .embeddings import GaussianFourierEmbedding, SinusoidalTimestepEmbedding, TimestepMLP
+
+__all__ = ["UNet2DModel", "UNet2DOutput"]
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
+TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
+CLASS_EMBED_TYPES = (None, "timestep", "identity")
+RESAMPLE_TYPES = ("conv", "resnet")
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
+
+
+def _unsupported(key: str, value, allowed) -> ValueError:
+    return ValueError(f"{key}={value!r} is not supported by ddpm_hf.UNet2DModel; allowed: {list(allowed)}")
+
+
+def _strip_legacy_prefix(block_type):
+    # diffusers accepts the old "UNetRes" prefix (UNetResDownBlock2D == DownBlock2D).
+    if isinstance(block_type, str) and block_type.startswith("UNetRes"):
+        return block_type[len("UNetRes"):]
+    return block_type
+
+
+def _check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise _unsupported(key, value, allowed)
+
+
+def _check_groups(key: str, groups: int, channels) -> None:
+    for c in channels:
+        if c % groups:
+            raise ValueError(f"{key}={groups} must divide every normalised channel count; {c} is not divisible")
+
+
+def _validate_config(cfg: dict) -> None:
+    """Raise ValueError naming the first config key whose value this implementation does not build exactly."""
+    down = [_strip_legacy_prefix(t) for t in cfg["down_block_types"]]
+    up = [_strip_legacy_prefix(t) for t in cfg["up_block_types"]]
+    channels = list(cfg["block_out_channels"])
+    if len(down) != len(up):
+        raise ValueError(f"down_block_types ({len(down)}) and up_block_types ({len(up)}) must have the same length")
+    if len(channels) != len(down) or not channels:
+        raise ValueError(f"block_out_channels={channels} must have one entry per down block ({len(down)})")
+    if any(not isinstance(c, int) or c < 1 for c in channels):
+        raise ValueError(f"block_out_channels={channels} must be positive ints")
+    for i, t in enumerate(down):
+        _check_choice(f"down_block_types[{i}]", t, DOWN_BLOCK_TYPES)
+    for i, t in enumerate(up):
+        _check_choice(f"up_block_types[{i}]", t, UP_BLOCK_TYPES)
+    _check_choice("mid_block_type", cfg["mid_block_type"], MID_BLOCK_TYPES)
+    _check_choice("time_embedding_type", cfg["time_embedding_type"], TIME_EMBEDDING_TYPES)
+    _check_choice("class_embed_type", cfg["class_embed_type"], CLASS_EMBED_TYPES)
+    _check_choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], TIME_SCALE_SHIFTS)
+    _check_choice("downsample_type", cfg["downsample_type"], RESAMPLE_TYPES)
+    _check_choice("upsample_type", cfg["upsample_type"], RESAMPLE_TYPES)
+    if not isinstance(cfg["act_fn"], str) or cfg["act_fn"].lower() not in ACTIVATIONS:
+        raise _unsupported("act_fn", cfg["act_fn"], ACTIVATIONS)
+    if cfg["time_embedding_type"] == "learned" and not (isinstance(cfg["num_train_timesteps"], int)
+                                                        and cfg["num_train_timesteps"] > 0):
+        raise ValueError(f"num_train_timesteps={cfg['num_train_timesteps']!r} must be a positive int "
+                         "when time_embedding_type='learned'")
+    if not isinstance(cfg["layers_per_block"], int) or cfg["layers_per_block"] < 1:
+        raise ValueError(f"layers_per_block={cfg['layers_per_block']!r} must be a positive int")
+    head_dim = cfg["attention_head_dim"]
+    attended = [c for c, t in zip(channels, down) if t.startswith("Attn")]
+    attended += [c for c, t in zip(channels[::-1], up) if t.startswith("Attn")]
+    if cfg["mid_block_type"] is not None and cfg["add_attention"]:
+        attended.append(channels[-1])
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1 or head_dim > min(attended, default=head_dim)):
+        raise ValueError(f"attention_head_dim={head_dim!r} must be None or an int in [1, {min(attended)}]")
+    if not 0 <= cfg["dropout"] < 1:
+        raise ValueError(f"dropout={cfg['dropout']!r} must be in [0, 1)")
+    if not cfg["mid_block_scale_factor"] > 0:
+        raise ValueError(f"mid_block_scale_factor={cfg['mid_block_scale_factor']!r} must be > 0")
+    if not isinstance(cfg["downsample_padding"], int) or cfg["downsample_padding"] < 0:
+        raise ValueError(f"downsample_padding={cfg['downsample_padding']!r} must be a non-negative int")
+    if not isinstance(cfg["norm_num_groups"], int) or cfg["norm_num_groups"] < 1:
+        raise ValueError(f"norm_num_groups={cfg['norm_num_groups']!r} must be a positive int")
+    _check_groups("norm_num_groups", cfg["norm_num_groups"], _normalised_channels(channels, cfg["layers_per_block"]))
+    if cfg["attn_norm_num_groups"] is not None:
+        _check_groups("attn_norm_num_groups", cfg["attn_norm_num_groups"], channels[-1:])
+
+
+def _normalised_channels(channels: list[int], layers_per_block: int) -> set[int]:
+    """Every channel count a GroupNorm sees: the stage widths and the decoder's [h, skip] concatenations."""
+    widths = set(channels)
+    reversed_channels = channels[::-1]
+    for i, out in enumerate(reversed_channels):
+        prev = reversed_channels[max(i - 1, 0)]
+        deepest_skip = reversed_channels[min(i + 1, len(channels) - 1)]
+        for j in range(layers_per_block + 1):
+            skip = deepest_skip if j == layers_per_block else out
+            widths.add((prev if j == 0 else out) + skip)
+    return widths
+
+
+class UNet2DModel(ModelMixin, ConfigMixin):
+    r"""The DDPM U-Net: predicts the noise (or x0 / v) of a noisy image at timestep t.
+
+    A re-implementation of ``diffusers.UNet2DModel`` for the DDPM family with identical config, parameter names
+    and outputs, tuned for speed. Config arguments are those of diffusers 0.42.1 with the same defaults; values
+    this class does not build exactly (other block types, ``downsample_type`` other than "conv"/"resnet", ...)
+    raise ValueError instead of giving a different network.
+
+    Args:
+        sample_size: height and width of the samples (metadata only, used by pipelines).
+        in_channels: channels of the input sample.
+        out_channels: channels of the output (``2 * in_channels`` for learned variance).
+        center_input_sample: map the input from [0, 1] to [-1, 1] first.
+        time_embedding_type: "positional" (sinusoidal), "fourier" (Gaussian Fourier features of log t, output
+            divided by t) or "learned" (an embedding table of ``num_train_timesteps`` rows).
+        time_embedding_dim: width of the time embedding; defaults to ``4 * block_out_channels[0]``.
+        freq_shift: sinusoidal frequency shift (1 for the DDPM paper's TF code).
+        flip_sin_to_cos: put cosines before sines in the sinusoidal embedding.
+        down_block_types: per stage, "DownBlock2D" or "AttnDownBlock2D" (with self-attention).
+        mid_block_type: "UNetMidBlock2D" or None.
+        up_block_types: per stage, "UpBlock2D" or "AttnUpBlock2D".
+        block_out_channels: channels of each stage.
+        layers_per_block: ResNet blocks per encoder stage (decoder stages get one more).
+        mid_block_scale_factor: divisor of the mid block's residual outputs.
+        downsample_padding: padding of the stride-2 downsampling conv; 0 pads right/bottom only (TF DDPM).
+        downsample_type: "conv" or "resnet" downsampling in attention stages.
+        upsample_type: "conv" or "resnet" upsampling in attention stages.
+        dropout: dropout inside every ResNet block (0.1 in the DDPM CIFAR-10 recipe).
+        act_fn: activation of the ResNet blocks ("silu"/"swish", "mish", "gelu", "relu").
+        attention_head_dim: channels per attention head; None for a single head over all channels.
+        norm_num_groups: GroupNorm groups.
+        attn_norm_num_groups: GroupNorm groups of the mid-block attention; None means ``norm_num_groups`` with
+            ``resnet_time_scale_shift="default"`` and no norm with "scale_shift" (as diffusers).
+        norm_eps: GroupNorm epsilon.
+        resnet_time_scale_shift: "default" (add the time embedding) or "scale_shift" (FiLM after the norm).
+        add_attention: whether the mid block has attention.
+        class_embed_type: None (an ``nn.Embedding`` of ``num_class_embeds`` labels if that is set), "timestep"
+            (labels embedded like timesteps) or "identity" (labels are embeddings already).
+        num_class_embeds: number of classes for class-conditional models.
+        num_train_timesteps: rows of the "learned" time embedding.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        center_input_sample: bool = False,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        freq_shift: int = 0,
+        flip_sin_to_cos: bool = True,
+        down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        mid_block_type: str | None = "UNetMidBlock2D",
+        up_block_types: tuple[str, ...] = ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        block_out_channels: tuple[int, ...] = (224, 448, 672, 896),
+        layers_per_block: int = 2,
+        mid_block_scale_factor: float = 1,
+        downsample_padding: int = 1,
+        downsample_type: str = "conv",
+        upsample_type: str = "conv",
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        attention_head_dim: int | None = 8,
+        norm_num_groups: int = 32,
+        attn_norm_num_groups: int | None = None,
+        norm_eps: float = 1e-5,
+        resnet_time_scale_shift: str = "default",
+        add_attention: bool = True,
+        class_embed_type: str | None = None,
+        num_class_embeds: int | None = None,
+        num_train_timesteps: int | None = None,
+    ):
+        super().__init__()
+        _validate_config(dict(self.config))
+        channels = list(block_out_channels)
+        time_embed_dim = time_embedding_dim or 4 * channels[0]
+        self.sample_size = sample_size
+        self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_proj, proj_dim = self._build_time_proj(time_embedding_type, channels[0], flip_sin_to_cos,
+                                                         freq_shift, num_train_timesteps)
+        self.time_embedding = TimestepMLP(proj_dim, time_embed_dim)
+        self.class_embedding = self._build_class_embedding(class_embed_type, num_class_embeds, proj_dim,
+                                                           time_embed_dim)
+        self.act = activation(act_fn)
+        # Plain attributes: reading the FrozenDict config on every call costs more than the branch itself.
+        self._center_input_sample = center_input_sample
+        self._fourier = time_embedding_type == "fourier"
+        self._class_labels_as_timesteps = class_embed_type == "timestep"
+
+        resnet_kwargs = dict(temb_channels=time_embed_dim, groups=norm_num_groups, eps=norm_eps, dropout=dropout,
+                             act_fn=act_fn, time_scale_shift=resnet_time_scale_shift)
+        down_types = [_strip_legacy_prefix(t) for t in down_block_types]
+        up_types = [_strip_legacy_prefix(t) for t in up_block_types]
+        last = len(channels) - 1
+
+        self.down_blocks = nn.ModuleList()
+        for i, block_type in enumerate(down_types):
+            attn = block_type == "AttnDownBlock2D"
+            downsample = None if i == last else (downsample_type if attn else "conv")
+            self.down_blocks.append(DownBlock(
+                channels[max(i - 1, 0)], channels[i], layers_per_block,
+                self._head_dim(attention_head_dim, channels[i]) if attn else None,
+                downsample, downsample_padding, resnet_kwargs))
+
+        self.mid_block = None
+        if mid_block_type is not None:
+            attn_groups = attn_norm_num_groups
+            if attn_groups is None and resnet_time_scale_shift == "default":
+                attn_groups = norm_num_groups
+            self.mid_block = MidBlock(
+                channels[-1], self._head_dim(attention_head_dim, channels[-1]) if add_attention else None,
+                attn_groups, mid_block_scale_factor, resnet_kwargs)
+
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = channels[::-1]
+        for i, block_type in enumerate(up_types):
+            attn = block_type == "AttnUpBlock2D"
+            upsample = None if i == last else (upsample_type if attn else "conv")
+            self.up_blocks.append(UpBlock(
+                reversed_channels[min(i + 1, last)], reversed_channels[max(i - 1, 0)], reversed_channels[i],
+                layers_per_block + 1, self._head_dim(attention_head_dim, reversed_channels[i]) if attn else None,
+                upsample, resnet_kwargs))
+
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps)
+        self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
+
+    @staticmethod
+    def _head_dim(attention_head_dim: int | None, channels: int) -> int:
+        return attention_head_dim if attention_head_dim is not None else channels
+
+    @staticmethod
+    def _build_time_proj(kind: str, channels: int, flip_sin_to_cos: bool, freq_shift: float,
+                         num_train_timesteps: int | None) -> tuple[nn.Module, int]:
+        if kind == "positional":
+            return SinusoidalTimestepEmbedding(channels, flip_sin_to_cos, freq_shift), channels
+        if kind == "fourier":
+            return GaussianFourierEmbedding(channels, scale=16), 2 * channels
+        return nn.Embedding(num_train_timesteps, channels), channels
+
+    @staticmethod
+    def _build_class_embedding(kind: str | None, num_class_embeds: int | None, proj_dim: int,
+                               time_embed_dim: int) -> nn.Module | None:
+        if kind is None:
+            return nn.Embedding(num_class_embeds, time_embed_dim) if num_class_embeds is not None else None
+        if kind == "timestep":
+            return TimestepMLP(proj_dim, time_embed_dim)
+        return nn.Identity()
+
+    def _timesteps(self, timestep, sample: torch.Tensor) -> torch.Tensor:
+        """Return the timesteps as a 1-D tensor of length ``batch`` on the sample's device."""
+        batch = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
+                raise TypeError(f"timestep must be an int, a float or a tensor, got {type(timestep).__name__}")
+            # Unlike diffusers, which casts every Python number to long, a fractional float stays fractional.
+            dtype = torch.long if isinstance(timestep, int) else torch.float32
+            return torch.full((batch,), timestep, dtype=dtype, device=sample.device)
+        if timestep.dim() > 1 or timestep.numel() not in (1, batch):
+            raise ValueError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}")
+        return timestep.reshape(-1).to(sample.device).expand(batch)
+
+    def _check_sample(self, sample: torch.Tensor) -> None:
+        in_channels = self.conv_in.in_channels
+        if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != in_channels:
+            shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
+            raise ValueError(f"sample must be a (batch, {in_channels}, height, width) tensor, got {shape}")
+        factor = 2 ** (len(self.down_blocks) - 1)
+        if sample.shape[2] % factor or sample.shape[3] % factor:
+            raise ValueError(f"sample height and width must be multiples of {factor}, got {tuple(sample.shape[2:])}")
+
+    def _embed(self, timesteps: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The time (plus class) embedding fed to every ResNet block, ``(B, time_embed_dim)``."""
+        dtype = self.time_embedding.linear_1.weight.dtype
+        emb = self.time_embedding(self.time_proj(timesteps).to(dtype))
+        if self.class_embedding is None:
+            if class_labels is not None:
+                raise ValueError("class_labels were given but this model has no class embedding "
+                                 "(set num_class_embeds or class_embed_type in the config)")
+            return emb
+        if class_labels is None:
+            raise ValueError("class_labels must be given: this model is class-conditional")
+        if self._class_labels_as_timesteps:
+            class_labels = self.time_proj(class_labels).to(dtype)
+        return emb + self.class_embedding(class_labels).to(emb.dtype)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DOutput | tuple:
+        """Predict the network output for a batch of noisy samples.
+
+        Args:
+            sample: ``(batch, in_channels, height, width)`` noisy input; height and width must be multiples of
+                ``2 ** (len(block_out_channels) - 1)``.
+            timestep: one timestep for the whole batch (Python number or 0-d/1-element tensor) or one per sample.
+            class_labels: ``(batch,)`` labels for class-conditional models.
+            return_dict: return a ``UNet2DOutput`` instead of a one-element tuple.
+
+        Returns:
+            ``UNet2DOutput`` with ``sample`` of shape ``(batch, out_channels, height, width)``, or ``(sample,)``.
+        """
+        self._check_sample(sample)
+        timesteps = self._timesteps(timestep, sample)
+        if self._center_input_sample:
+            sample = 2 * sample - 1.0
+        temb_act = self.act(self._embed(timesteps, class_labels))
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, temb_act, skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, temb_act)
+        for block in self.up_blocks:
+            h = block(h, temb_act, skips)
+        h = self.conv_out(F.silu(self.conv_norm_out(h), inplace=True))  # diffusers' conv_act is SiLU for any act_fn
+
+        if self._fourier:
+            h = h / timesteps.reshape(-1, 1, 1, 1)
+        if not return_dict:
+            return (h,)
+        return UNet2DOutput(sample=h)

@@ -1,0 +1,123 @@
+"""The float64 maths core against diffusers' tables, closed forms from the papers, and torch.distributions."""
+
+import math
+
+import diffusers
+import pytest
+import torch
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ddpm_hf import diffusion_math as dm
+
+alphas = st.floats(1e-4, 1 - 1e-4)
+
+
+@pytest.mark.parametrize("T", [1000, 50])
+@pytest.mark.parametrize("schedule", dm.BETA_SCHEDULES)
+def test_betas_match_diffusers(T, schedule):
+    ours = dm.make_betas(T, 1e-4, 0.02, schedule)
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule).betas
+    assert ours.dtype == torch.float64 and ours.shape == (T,)
+    torch.testing.assert_close(ours.float(), theirs, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(dm.alphas_cumprod_from_betas(ours).float(),
+                               diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule).alphas_cumprod,
+                               rtol=2e-5, atol=0)
+
+
+def test_rescale_zero_terminal_snr():
+    betas = dm.make_betas(1000)
+    rescaled = dm.rescale_zero_terminal_snr(betas)
+    ac, ac0 = dm.alphas_cumprod_from_betas(rescaled), dm.alphas_cumprod_from_betas(betas)
+    assert ac[-1] == 0 and torch.isclose(ac[0], ac0[0], rtol=1e-12)
+    torch.testing.assert_close(rescaled.float(), diffusers_rescale(betas.float()), rtol=1e-4, atol=1e-6)
+
+
+def test_trained_betas_and_name_checks():
+    assert torch.equal(dm.make_betas(3, trained_betas=[0.1, 0.2, 0.3]), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        dm.make_betas(3, beta_schedule="nope", trained_betas=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="must not exceed"):
+        dm.make_betas(10, 0.5, 0.1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=alphas, prediction_type=st.sampled_from(dm.PREDICTION_TYPES))
+def test_prediction_conversions_invert_the_forward_process(a, prediction_type):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x_t = dm.q_sample(x0, eps, a)
+    torch.testing.assert_close(x_t, math.sqrt(a) * x0 + math.sqrt(1 - a) * eps)  # DDPM eq. 4
+    target = {"epsilon": eps, "sample": x0, "v_prediction": dm.velocity(x0, eps, a)}[prediction_type]
+    torch.testing.assert_close(dm.predict_x0(target, x_t, a, prediction_type), x0)
+    torch.testing.assert_close(dm.predict_eps(target, x_t, a, prediction_type), eps)
+    torch.testing.assert_close(dm.eps_from_x0(x0, x_t, a), eps)
+
+
+@settings(max_examples=50, deadline=None)
+@given(a_prev=alphas, ratio=st.floats(0.05, 0.999))
+def test_posterior_is_the_gaussian_conditional(a_prev, ratio):
+    """q(x_prev | x_t, x_0) by Bayes' rule for x_prev ~ N(sqrt(a_prev) x0, 1 - a_prev), x_t ~ N(sqrt(r) x_prev, 1 - r)."""
+    a_t = a_prev * ratio
+    coef_x0, coef_xt, var = dm.q_posterior_coefficients(a_t, a_prev)
+    precision = 1 / (1 - a_prev) + ratio / (1 - ratio)
+    assert math.isclose(var.item(), 1 / precision, rel_tol=1e-9)
+    assert math.isclose(coef_x0.item(), math.sqrt(a_prev) / (1 - a_prev) / precision, rel_tol=1e-9)
+    assert math.isclose(coef_xt.item(), math.sqrt(ratio) / (1 - ratio) / precision, rel_tol=1e-9)
+    assert math.isclose(dm.step_beta(a_t, a_prev).item(), 1 - ratio, rel_tol=1e-12)
+    # DDIM eq. 16 with eta = 1 is this standard deviation, and eq. 12 then gives this mean (DDIM sec. 4.1).
+    sigma = dm.ddim_sigma(a_t, a_prev, 1.0)
+    assert math.isclose(sigma.item() ** 2, var.item(), rel_tol=1e-9)
+    x0, eps = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x_t = dm.q_sample(x0, eps, a_t)
+    torch.testing.assert_close(dm.ddim_step(x0, eps, a_prev, sigma), dm.q_posterior_mean(x0, x_t, a_t, a_prev))
+
+
+def test_variance_bounds_and_learned_range():
+    min_log, max_log = dm.posterior_log_variance_bounds(torch.tensor([0.5, 0.3]), torch.tensor([0.6, 1.0]))
+    _, _, var = dm.q_posterior_coefficients(torch.tensor(0.5), torch.tensor(0.6))
+    torch.testing.assert_close(min_log[0], var.log())
+    assert min_log[1] == math.log(1e-20) and torch.isfinite(min_log).all()
+    torch.testing.assert_close(max_log, torch.tensor([math.log(1 - 0.5 / 0.6), math.log(0.7)], dtype=torch.float64))
+    assert dm.fixed_log_variance("fixed_small_log", min_log, max_log) is min_log
+    assert dm.fixed_log_variance("fixed_large", min_log, max_log) is max_log
+    v = torch.tensor([-1.0, 1.0, 0.0])
+    torch.testing.assert_close(dm.learned_range_log_variance(v, -4.0, -2.0), torch.tensor([-4.0, -2.0, -3.0]))
+    with pytest.raises(ValueError, match="variance_type"):
+        dm.fixed_log_variance("learned", min_log, max_log)
+
+
+def test_combine_shortcuts_agree_with_the_plain_formula():
+    a, b = torch.randn(4), torch.randn(4)
+    for c_a, c_b in ((0.0, 1.0), (0.0, 2.5), (1.5, 0.0), (1.0, -2.0), (0.3, 0.7), (torch.tensor(0.3), torch.tensor(0.7))):
+        torch.testing.assert_close(dm.combine(c_a, a, c_b, b), c_a * a + c_b * b)
+
+
+def test_dynamic_threshold_matches_diffusers():
+    x = 3 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    theirs = diffusers.DDPMScheduler(thresholding=True, sample_max_value=2.0)._threshold_sample(x)
+    torch.testing.assert_close(dm.dynamic_threshold(x, 0.995, 2.0), theirs)
+
+
+def test_likelihood_terms():
+    m1, m2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    l1, l2 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    expect = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * l1).exp()),
+                                               torch.distributions.Normal(m2, (0.5 * l2).exp()))
+    torch.testing.assert_close(dm.normal_kl(m1, l1, m2, l2), expect)
+    x = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    torch.testing.assert_close(dm.standard_normal_cdf(x), torch.distributions.Normal(0.0, 1.0).cdf(x))
+    # DDPM eq. 13: the 256 bin probabilities of a discretised Gaussian sum to one
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, log_scale in ((0.1, -2.0), (-0.9, -4.0), (0.0, 0.5)):
+        ll = dm.discretized_gaussian_log_likelihood(bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale))
+        assert math.isclose(ll.exp().sum().item(), 1.0, rel_tol=1e-9)
+
+
+def test_gather_and_as_alpha_shape_and_dtype():
+    table = torch.arange(10, dtype=torch.float64)
+    like = torch.zeros(3, 2, 4, 4, dtype=torch.float16)
+    g = dm.gather(table, torch.tensor([1, 2, 3]), like)
+    assert g.shape == (3, 1, 1, 1) and g.dtype == torch.float16 and g.flatten().tolist() == [1, 2, 3]
+    assert dm.as_alpha(0.5, like).shape == () and dm.as_alpha(torch.ones(3), like).shape == (3, 1, 1, 1)

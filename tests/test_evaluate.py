@@ -1,0 +1,203 @@
+"""Evaluation: the digits classifier, the Frechet distance, FID with its floor, class statistics, bits/dim, CLI."""
+
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpm_hf import evaluate
+from ddpm_hf.evaluate import (
+    class_statistics,
+    digits_real_images,
+    digits_split_indices,
+    evaluate_pipeline,
+    frechet_distance,
+    load_digits_classifier,
+)
+
+
+class ReplayPipeline:
+    """Stands in for a pipeline: returns the given images in order, through the diffusers call convention."""
+
+    def __init__(self, images):
+        self.images, self.cursor, self.calls = images, 0, []
+
+    def __call__(self, batch_size, generator, output_type, num_inference_steps=None):
+        assert output_type == "np" and isinstance(generator, torch.Generator)
+        self.calls.append(num_inference_steps)
+        batch = self.images[self.cursor : self.cursor + batch_size]
+        assert len(batch) == batch_size, "replay pipeline ran out of images"
+        self.cursor += batch_size
+        return SimpleNamespace(images=((batch.permute(0, 2, 3, 1) + 1) / 2).numpy())
+
+
+class LikelihoodPipeline(ReplayPipeline):
+    def log_likelihood(self, images, generator=None):
+        self.seen = images
+        return SimpleNamespace(bits_per_dim=torch.full((len(images),), 3.25))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return {split: digits_real_images(split, 16, 1) for split in ("train", "test")}
+
+
+def test_split_is_fixed_stratified_and_disjoint():
+    train, test = digits_split_indices("train"), digits_split_indices("test")
+    assert len(train) + len(test) == 1797 and not set(train) & set(test)
+    assert np.array_equal(test, digits_split_indices("test"))
+    with pytest.raises(ValueError, match="split"):
+        digits_split_indices("val")
+
+
+def test_digits_classifier_is_accurate_on_the_test_split():
+    model = load_digits_classifier()
+    images, labels = evaluate._digits_8x8("test")
+    upscaled = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        for x in (images, upscaled, upscaled.expand(-1, 3, -1, -1)):
+            assert (model(x).argmax(-1) == labels).float().mean() > 0.9
+
+
+def test_classifier_cache_round_trip_and_corrupt_cache(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path))
+    with torch.inference_mode():  # a cold cache must train even under inference mode (evaluate_pipeline's)
+        first = load_digits_classifier()
+    cached = tmp_path / evaluate._CLASSIFIER_FILE
+    assert cached.is_file()
+    second = load_digits_classifier()
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(second.state_dict()[name], tensor)  # deterministic training, exact cache
+    cached.write_bytes(b"not safetensors")
+    third = load_digits_classifier()
+    assert "unreadable digits classifier cache" in caplog.text
+    assert torch.equal(third.head.weight, first.head.weight)
+
+
+def _scipy_fd(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_against_scipy_sqrtm_and_closed_forms():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 6)), rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 1.5
+    stats_a = a.mean(0), np.cov(a, rowvar=False)
+    stats_b = b.mean(0), np.cov(b, rowvar=False)
+    assert frechet_distance(*stats_a, *stats_b) == pytest.approx(_scipy_fd(*stats_a, *stats_b), rel=1e-8)
+    assert frechet_distance(*stats_a, *stats_b) == pytest.approx(frechet_distance(*stats_b, *stats_a), rel=1e-8)
+    assert frechet_distance(*stats_a, *stats_a) == pytest.approx(0, abs=1e-9)
+    shift = np.arange(6.0)
+    assert frechet_distance(stats_a[0], stats_a[1], stats_a[0] + shift, stats_a[1]) == pytest.approx(55.0)
+    singular = np.cov(rng.normal(size=(3, 6)), rowvar=False)  # rank 2: fewer samples than features
+    assert np.isfinite(frechet_distance(stats_a[0], singular, stats_b[0], stats_b[1]))
+    with pytest.raises(ValueError, match="shapes"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_fid_of_real_digits_is_near_the_floor_and_noise_is_far(digits):
+    real, replayed = digits["test"], ReplayPipeline(digits["train"])
+    replay = evaluate_pipeline(replayed, real, num_inference_steps=7, batch_size=100, num_bpd_images=0)
+    noise = evaluate_pipeline(ReplayPipeline(torch.rand(300, 1, 16, 16) * 2 - 1), real, num_bpd_images=0)
+    floor = replay["fid_digits_floor"]
+    assert replay["num_generated"] == replay["num_real_a"] == len(real) // 2 == 225
+    assert replayed.calls == [7, 7, 7]  # 100 + 100 + 25 samples, the requested steps passed through
+    assert replay["fid_digits"] < 3 * floor
+    assert noise["fid_digits"] > 50 * floor
+    assert noise["fid_digits_floor"] == pytest.approx(floor)  # same split, same generator seed
+    assert replay["class_balance"] > 0.95 and replay["classifier_confidence"] > 0.9
+    assert noise["classifier_confidence"] < replay["classifier_confidence"]
+    assert "bits_per_dim" not in replay
+
+
+def test_class_statistics_of_a_collapsed_generator():
+    logits = torch.zeros(50, 10)
+    logits[:, 3] = 20.0
+    stats = class_statistics(logits)
+    assert stats["class_histogram"][3] == 1.0 and stats["class_balance"] == 0.0
+    assert stats["classifier_confidence"] > 0.99
+    uniform = class_statistics(torch.eye(10).repeat(5, 1) * 20)
+    assert uniform["class_balance"] == pytest.approx(1.0)
+
+
+def test_bits_per_dim_through_log_likelihood(digits, caplog):
+    caplog.set_level(logging.INFO)
+    pipe = LikelihoodPipeline(digits["test"])
+    metrics = evaluate_pipeline(pipe, digits["train"][:40], num_samples=8, heldout_images=digits["test"],
+                                num_bpd_images=6, batch_size=4)
+    assert metrics["bits_per_dim"] == pytest.approx(3.25)
+    assert len(pipe.seen) == 2  # batches of 4: 4 + 2
+    assert torch.equal(pipe.seen, (digits["test"][4:6] + 1) / 2)  # NCHW in [0, 1], the pipeline-output range
+    evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=8, num_bpd_images=4)
+    assert "has no log_likelihood" in caplog.text
+
+
+def test_pluggable_feature_extractor_mapping(digits):
+    metrics = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:100],
+                                feature_extractor={"pixels": lambda x: x.flatten(1)[:, ::16]}, num_bpd_images=0)
+    assert {"fid_pixels", "fid_pixels_floor"} <= set(metrics) and "fid_digits" not in metrics
+
+
+class _FakeInception(nn.Module):
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert return_features and x.shape[1] == 3 and x.shape[2] == 299 and x.shape[3] == 299
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 255.0
+        return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, :, 150, 150].mean(1)], 1)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_inception_features_from_a_local_torchscript_file(digits, tmp_path, monkeypatch):
+    path = tmp_path / "inception.pt"
+    torch.jit.script(_FakeInception()).save(str(path))
+    monkeypatch.setenv(evaluate.INCEPTION_ENV, str(path))
+    metrics = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=20,
+                                num_bpd_images=0)
+    assert np.isfinite(metrics["fid_inception"]) and "fid_inception_floor" in metrics and "fid_digits" in metrics
+
+
+def test_missing_inception_weights_say_what_to_set(digits, monkeypatch):
+    monkeypatch.delenv(evaluate.INCEPTION_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match=evaluate.INCEPTION_ENV):
+        evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], feature_extractor="inception")
+    auto = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=8, num_bpd_images=0)
+    assert "fid_inception" not in auto and "fid_digits" in auto
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"feature_extractor": "vgg"}, "feature_extractor"),
+    ({"feature_extractor": {}}, "feature_extractor"),
+    ({"real_images": torch.zeros(3, 1, 8, 8)}, "real_images"),
+    ({"real_images": np.zeros((10, 1, 8, 8))}, "real_images"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"num_samples": 1}, "num_samples"),
+    ({"num_bpd_images": -1}, "num_bpd_images"),
+])
+def test_bad_arguments(digits, kwargs, match):
+    call = {"pipeline": ReplayPipeline(digits["test"]), "real_images": digits["train"][:20], **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        evaluate_pipeline(**call)
+
+
+def test_cli_on_a_tiny_pipeline_saved_with_diffusers_classes(tmp_path, capsys):
+    pytest.importorskip("ddpm_hf.pipeline")
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "pipe")
+    out = tmp_path / "metrics.json"
+    returned = evaluate.main([str(tmp_path / "pipe"), "--num_samples", "8", "--num_inference_steps", "2",
+                              "--real_split", "test", "--num_bpd_images", "4", "--output", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == returned == json.loads(out.read_text())
+    assert {"fid_digits", "fid_digits_floor", "class_balance", "classifier_confidence"} <= set(printed)
+    assert printed["num_generated"] == 8 and printed["fid_digits"] > printed["fid_digits_floor"]
+    assert np.isfinite(printed["bits_per_dim"]) and printed["bits_per_dim"] > 0
