@@ -186,12 +186,14 @@ def test_inpaint_keeps_known_pixels_exactly_and_fills_the_rest_from_the_prior():
     images = _gaussian_images(256).float()
     mask = torch.zeros(4, 4)
     mask[:, :2] = 1
-    out = pipe.inpaint(images, mask, num_inference_steps=20, jump_length=5, jump_n_sample=2, generator=_gen(0),
+    out = pipe.inpaint(images, mask, num_inference_steps=T, jump_length=10, jump_n_sample=2, generator=_gen(0),
                        output_type="np").images
     expected = images.permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(out[:, :, :2], expected[:, :, :2])
-    filled = out[:, :, 2:] * 2 - 1  # model space: pixels are independent, so the prior N(MEAN, STD^2)
-    assert abs(filled.mean() - MEAN) < 0.05 and abs(filled.std() - STD) < 0.05
+    # Pixels are independent, so the filled ones follow the prior N(MEAN, STD^2) (a little narrower after the
+    # [0, 1] clamp and the finite chain: plain sampling of this model gives std 0.385).
+    filled = out[:, :, 2:] * 2 - 1
+    assert abs(filled.mean() - MEAN) < 0.03 and abs(filled.std() - STD) < 0.04
     assert not np.allclose(out[:, :, 2:], expected[:, :, 2:])
 
 

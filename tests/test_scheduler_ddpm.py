@@ -52,7 +52,8 @@ def test_respaced_step_uses_beta_of_the_visited_pair():
 def test_no_noise_on_the_final_step(variance_type, kwargs):
     """Algorithm 2 sets z = 0 on the step that lands on x_0. diffusers adds noise whenever t > 0, so a table ending
     at t = 99 (trailing) or t = 1 (steps_offset=1) returns a noisy image with fixed_large."""
-    ours, theirs = DDPMScheduler(variance_type=variance_type, **kwargs), diffusers.DDPMScheduler(variance_type=variance_type, **kwargs)
+    ours = DDPMScheduler(variance_type=variance_type, **kwargs)
+    theirs = diffusers.DDPMScheduler(variance_type=variance_type, **kwargs)
     ours.set_timesteps(10)
     theirs.set_timesteps(10)
     t = ours.timesteps[-1]
