@@ -5,7 +5,7 @@ per-round ratios is printed (other processes share this machine, so single timin
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_unet.py                 # eager and compiled, both configs
-    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py --no-compile    # eager only
+    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py --modes eager   # eager only
     python benchmarks/bench_unet.py --threads 2 --rounds 30 --configs tiny
 """
 
@@ -28,7 +28,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved A/B rounds (median reported)")
     parser.add_argument("--calls", type=int, default=3, help="forward calls per network per round")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both networks")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+                        help="eager and/or torch.compile (Inductor) for both networks")
     return parser.parse_args()
 
 
@@ -74,7 +75,6 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch.get_num_threads()={torch.get_num_threads()} for both networks, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     print(f"{'config':<14}{'batch':>6}{'mode':>10}{'diffusers ms':>14}{'ours ms':>10}{'ratio':>8}")
     for preset in args.configs:
         batch = CASES[preset]
@@ -83,7 +83,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
         t = torch.randint(0, 1000, (batch,), generator=generator)
-        for mode in modes:
+        for mode in args.modes:
             a, b = theirs, ours
             if mode == "compiled":
                 torch._dynamo.reset()

@@ -108,3 +108,12 @@ def hub(hub_server, hf_home, monkeypatch):
     huggingface_hub.set_client_factory(_http.default_client_factory)
     huggingface_hub.close_session()
     hub_server.reset()
+
+
+@pytest.fixture(scope="session")
+def training_runner(tmp_path_factory):
+    """One fault-injection helper process per test process; each `run` forks a fresh training process."""
+    from fault_injection import TrainingRunner
+
+    with TrainingRunner(tmp_path_factory.mktemp("training_runs")) as runner:
+        yield runner

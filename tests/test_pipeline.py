@@ -25,12 +25,8 @@ def _unet(config=TINY, seed=0):
 
 
 def _our_unet(stock):
-    """ddpm_hf's UNet with the stock net's weights, or None while that network is not importable."""
-    try:
-        from ddpm_hf.models import UNet2DModel
-    except ImportError:
-        return None
-    ours = UNet2DModel.from_config(stock.config)
+    """ddpm_hf's UNet with the stock net's weights."""
+    ours = ddpm_hf.UNet2DModel.from_config(stock.config)
     ours.load_state_dict(stock.state_dict())
     return ours.eval()
 
@@ -46,12 +42,9 @@ def _gen(seed):
 
 def _components(stock_unet, scheduler_cls, **config):
     """(unet, scheduler) pairs to run through our pipeline: diffusers' own, and ddpm_hf's."""
-    pairs = [(stock_unet, getattr(diffusers, scheduler_cls)(**config)),
-             (stock_unet, getattr(ddpm_hf, scheduler_cls)(**config))]
-    ours = _our_unet(stock_unet)
-    if ours is not None:
-        pairs.append((ours, getattr(ddpm_hf, scheduler_cls)(**config)))
-    return pairs
+    return [(stock_unet, getattr(diffusers, scheduler_cls)(**config)),
+            (stock_unet, getattr(ddpm_hf, scheduler_cls)(**config)),
+            (_our_unet(stock_unet), getattr(ddpm_hf, scheduler_cls)(**config))]
 
 
 @pytest.mark.parametrize("steps", [None, 10])

@@ -47,12 +47,11 @@ def min_snr_weights(alpha_prod_t: torch.Tensor, snr_gamma: float, prediction_typ
     dm.check_prediction_type(prediction_type)
     a = torch.as_tensor(alpha_prod_t, dtype=torch.float64)
     snr = a / (1 - a)
-    clipped = snr.clamp(max=float(snr_gamma))
-    if prediction_type == "sample":
-        return clipped
     if prediction_type == "epsilon":
-        return clipped / snr
-    return clipped / (snr + 1)
+        # min(SNR, gamma) / SNR written so that a zero terminal SNR gives weight 1, not 0/0.
+        return (float(snr_gamma) / snr).clamp(max=1.0)
+    clipped = snr.clamp(max=float(snr_gamma))
+    return clipped if prediction_type == "sample" else clipped / (snr + 1)
 
 
 def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, Schedu
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
+from .diffusion_math import q_sample
 from .editing import (
     ImageInput,
     check_generator,
@@ -31,8 +32,9 @@ from .editing import (
     sdedit_timesteps,
     slerp,
 )
-from .diffusion_math import q_sample
 from .likelihood import LikelihoodOutput, variational_bound
+from .models import UNet2DModel
+from .schedulers import DDIMScheduler, DDPMScheduler
 
 Generator = torch.Generator | list[torch.Generator] | None
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -114,9 +116,6 @@ def stock_divergences(scheduler: SchedulerMixin) -> list[str]:
 def to_ddpm_hf_components(unet: ModelMixin, scheduler: SchedulerMixin) -> tuple[ModelMixin, SchedulerMixin]:
     """Swap diffusers' ``UNet2DModel`` and ``DDPMScheduler``/``DDIMScheduler`` for ddpm_hf's (same config, same
     weights); anything else is returned unchanged."""
-    from .models import UNet2DModel
-    from .schedulers import DDIMScheduler, DDPMScheduler
-
     if type(unet) is diffusers.UNet2DModel:
         ours = UNet2DModel.from_config(unet.config)
         ours.load_state_dict(unet.state_dict())
@@ -128,11 +127,9 @@ def to_ddpm_hf_components(unet: ModelMixin, scheduler: SchedulerMixin) -> tuple[
 
 
 def _load_scheduler(folder: str, entry: list) -> SchedulerMixin:
-    from .schedulers import DDIMScheduler, DDPMScheduler
-
-    name = entry[1]
+    name = entry[1] if len(entry) == 2 and isinstance(entry[1], str) else ""
     cls = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}.get(name) or getattr(diffusers, name, None)
-    if cls is None or not issubclass(cls, SchedulerMixin):
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"model_index.json names scheduler {entry}; expected a diffusers scheduler class")
     return cls.from_pretrained(folder, subfolder="scheduler")
 
@@ -208,8 +205,6 @@ class DDPMPipeline(DiffusionPipeline):
         Returns:
             A ``DDPMPipeline`` whose ``UNet2DModel`` and ``DDPMScheduler``/``DDIMScheduler`` are ddpm_hf's.
         """
-        from .models import UNet2DModel
-
         unet, scheduler = kwargs.pop("unet", None), kwargs.pop("scheduler", None)
         model_kwargs = {k: kwargs.pop(k) for k in ("torch_dtype", "variant", "use_safetensors") if k in kwargs}
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "force_download")
@@ -269,8 +264,6 @@ class DDPMPipeline(DiffusionPipeline):
 
     def _ddim_scheduler(self) -> SchedulerMixin:
         """ddpm_hf's DDIM on this pipeline's noise schedule, unclipped: the deterministic ODE of DDIM sec. 4.3."""
-        from .schedulers import DDIMScheduler
-
         accepted = inspect.signature(DDIMScheduler.__init__).parameters
         config = {k: v for k, v in self.scheduler.config.items() if k in accepted}
         return DDIMScheduler.from_config({**config, "clip_sample": False, "thresholding": False})

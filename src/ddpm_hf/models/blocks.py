@@ -78,13 +78,15 @@ def subpixel_upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     phase_w = torch.matmul(taps, weight.reshape(c_out, c_in, 9).transpose(1, 2))
     phase_w = phase_w.view(4 * c_out, 2, 2, c_in).permute(0, 3, 1, 2)
     phase_b = None if bias is None else bias.repeat_interleave(4)
-    phases = F.conv2d(x, phase_w, phase_b, padding=1).view(batch, c_out, 2, 2, height + 1, width + 1)
+    phases = F.conv2d(x, phase_w, phase_b, padding=1)  # (B, 4 C_out, H+1, W+1), channel = 4 c + 2 a + b
+    # Output (c, 2i + a, 2j + b) is phase (c, a, b) at (i + a, j + b): one strided view reads all four phases,
+    # so the interleave is a single copy (four slice copies cost twice as much from a channels-last map).
+    s_b, s_c, s_h, s_w = phases.stride()
+    grid = phases.as_strided((batch, c_out, height, 2, width, 2),
+                             (s_b, 4 * s_c, s_h, 2 * s_c + s_h, s_w, s_c + s_w))
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     out = torch.empty((batch, c_out, 2 * height, 2 * width), dtype=phases.dtype, device=x.device, memory_format=fmt)
-    grid = out.view(batch, c_out, height, 2, width, 2)
-    for a in (0, 1):
-        for b in (0, 1):
-            grid[:, :, :, a, :, b] = phases[:, :, a, b, a:a + height, b:b + width]
+    out.view(batch, c_out, height, 2, width, 2).copy_(grid)
     return out
 
 
@@ -96,7 +98,7 @@ def _subpixel_pays_off(x: torch.Tensor) -> bool:
     # On CPU the 2x2 phase conv does 16 (H+1)(W+1) multiply-adds per output channel and input channel instead of
     # 36 H W, but building the phase kernel costs a fixed ~300 of those; measured break-even is near this bound.
     _, _, height, width = x.shape
-    return x.device.type == "cpu" and x.shape[0] * (36 * height * width - 16 * (height + 1) * (width + 1)) >= 512
+    return x.is_cpu and x.shape[0] * (36 * height * width - 16 * (height + 1) * (width + 1)) >= 512
 
 
 class UpsampleConv(nn.Conv2d):
@@ -204,7 +206,10 @@ class ResnetBlock(nn.Module):
             h = torch.addcmul(shift, self.norm2(h), scale + 1)
         else:
             h = self.norm2(h.add_(t))  # conv1's output is not needed by its backward, so add in place
-        h = self.conv2(self.dropout(self.act(h)))
+        h = self.act(h)
+        if self.training and self.dropout.p > 0:
+            h = self.dropout(h)
+        h = self.conv2(h)
         h = h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
         if self.output_scale_factor != 1:
             h = h.div_(self.output_scale_factor)
@@ -240,14 +245,16 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attend over the ``H * W`` positions of ``x`` ``(B, C, H, W)``; returns the same shape and memory format."""
         batch, channels, height, width = x.shape
+        n = height * width
         h = self.group_norm(x) if self.group_norm is not None else x
-        tokens = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # a view for channels-last input
-        q, k, v = (proj(tokens).view(batch, height * width, self.heads, -1).transpose(1, 2)
+        # 2-D tokens so that every projection is one addmm with its bias fused; a view for channels-last input.
+        tokens = h.permute(0, 2, 3, 1).reshape(batch * n, channels)
+        q, k, v = (proj(tokens).view(batch, n, self.heads, -1).transpose(1, 2)
                    for proj in (self.to_q, self.to_k, self.to_v))
         attn = F.scaled_dot_product_attention(q, k, v)
-        out = self.to_out[0](attn.transpose(1, 2).reshape(batch, height * width, -1))
+        out = self.to_out[0](attn.transpose(1, 2).reshape(batch * n, -1))
         # (B, HW, C) read as (B, C, H, W) is a channels-last view; adding it to x keeps x's memory format.
-        out = torch.add(x, out.transpose(1, 2).view(batch, channels, height, width))
+        out = torch.add(x, out.view(batch, n, channels).transpose(1, 2).view(batch, channels, height, width))
         if self.output_scale_factor != 1:
             out = out.div_(self.output_scale_factor)
         return out

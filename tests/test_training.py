@@ -1,0 +1,297 @@
+"""training/train.py run in-process on tiny nets: arguments, LR schedule, seeds, export, EMA, NaN handling."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "training"))
+
+import train  # noqa: E402
+from ddpm_hf import checkpointing  # noqa: E402
+
+TINY_UNET = {"block_out_channels": [16, 32], "layers_per_block": 1, "down_block_types": ["DownBlock2D", "DownBlock2D"],
+             "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 8, "attention_head_dim": None}
+
+
+def tiny_flags(tmp_path, out="out", **overrides):
+    """Flags for a seconds-long run: 8x8 digits, a 2-level 16/32-channel net, 50 diffusion steps."""
+    config = tmp_path / "tiny_unet.json"
+    config.write_text(json.dumps(TINY_UNET))
+    flags = {"output_dir": str(tmp_path / out), "resolution": 8, "model_config_name_or_path": str(config),
+             "train_batch_size": 128, "ddpm_num_steps": 50, "ddpm_num_inference_steps": 2, "eval_batch_size": 4,
+             "logger": "none", "max_train_steps": 3, "checkpointing_steps": 100, "lr_warmup_steps": 1}
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerator state is a process-wide singleton; each in-process run starts clean."""
+    yield
+    train_state_reset()
+
+
+def run(tmp_path, **overrides):
+    return train.main(tiny_flags(tmp_path, **overrides))
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# ---- arguments ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("train_batch_size", "0", "--train_batch_size must be a positive integer"),
+    ("learning_rate", "nan", "--learning_rate must be a finite number"),
+    ("lr_scheduler", "cosine_annealing", "--lr_scheduler must be one of"),
+    ("model_preset", "huge", "--model_preset must be one of"),
+    ("mixed_precision", "fp8", "--mixed_precision must be one of"),
+    ("ema_max_decay", "1.0", "--ema_max_decay must be a finite number in \\(0, 1\\)"),
+    ("ddpm_num_inference_steps", "2000", "must not exceed --ddpm_num_steps"),
+    ("checkpoints_total_limit", "0", "--checkpoints_total_limit must be a positive integer"),
+    ("num_channels", "2", "--num_channels must be 1 or 3"),
+])
+def test_bad_arguments_name_the_flag(flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        train.parse_args([f"--{flag}", value])
+
+
+def test_json_config_gives_the_same_arguments_as_flags(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"learning_rate": 3e-4, "use_ema": False, "resolution": 8, "output_dir": "x"}))
+    from_json = train.parse_args([str(path)])
+    from_flags = train.parse_args(["--learning_rate", "3e-4", "--use_ema", "false", "--resolution", "8",
+                                   "--output_dir", "x"])
+    assert from_json == from_flags
+
+
+def test_defaults_are_the_tuned_ones():
+    data, model, args = train.parse_args([])
+    assert (args.learning_rate, args.lr_warmup_steps, args.train_batch_size, args.snr_gamma) == (2e-3, 100, 64, 5.0)
+    assert args.mixed_precision is None and args.use_ema and model.model_preset == "tiny"
+    assert (data.resolution, model.grid_sampler, model.ddpm_num_inference_steps) == (16, "ddim", 50)
+
+
+def test_resolution_the_network_cannot_take_is_a_clear_error():
+    unet_cls = train.pipeline_classes()[0]
+    model_args = train.parse_args([])[1]
+    with pytest.raises(ValueError, match="--resolution 18 .* multiple of 4"):
+        train.unet_config(model_args, 18, 1, unet_cls)
+    config = train.unet_config(model_args, 16, 3, unet_cls)
+    assert (config["sample_size"], config["in_channels"], config["out_channels"]) == (16, 3, 3)
+    model_args.variance_type = "learned_range"
+    assert train.unet_config(model_args, 16, 3, unet_cls)["out_channels"] == 6
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_counts_optimizer_steps_under_uneven_accumulation(tmp_path):
+    # 1797 digits / 128 = 15 batches per epoch; accumulation 4 -> groups 4, 4, 4, 3 = 4 optimizer steps per epoch.
+    metrics = run(tmp_path, gradient_accumulation_steps=4, max_train_steps=6, lr_warmup_steps=2,
+                  lr_scheduler="linear", checkpointing_steps=100)
+    assert metrics["global_step"] == 6
+    with open(tmp_path / "out" / "checkpoint-6" / checkpointing.STATE_FILE) as f:
+        state = json.load(f)
+    # The linear decay ends exactly at 0 after the last optimizer step (diffusers' example: 50% of max LR).
+    assert state["lr_scheduler"]["last_epoch"] == 6 and state["lr_scheduler"]["_last_lr"] == [0.0]
+    assert state["progress"] == {"global_step": 6, "epoch": 1, "batches_in_epoch": 8, "skipped_nonfinite": 0}
+
+
+def test_seed_makes_runs_reproducible(tmp_path):
+    run(tmp_path, out="a", seed=3, max_train_steps=2)
+    train_state_reset()
+    run(tmp_path, out="b", seed=3, max_train_steps=2)
+    train_state_reset()
+    run(tmp_path, out="c", seed=4, max_train_steps=2)
+    a, b, c = (unet_weights(tmp_path / name / "unet_raw") for name in "abc")
+    assert_same_tensors(a, b)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def train_state_reset():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_export_layout_holds_ema_unet_raw_beside_it_and_no_ema_keys_in_config(tmp_path):
+    run(tmp_path, max_train_steps=3, checkpointing_steps=2, checkpoints_total_limit=1, logger="tensorboard",
+        logging_steps=1)
+    out = tmp_path / "out"
+    for name in ("model_index.json", "unet", "unet_raw", "scheduler", "samples.png", "logs", "checkpoint-3"):
+        assert (out / name).exists(), name
+    assert not (out / "checkpoint-2").exists()  # rotated away by --checkpoints_total_limit 1
+    ema = load_file(out / "checkpoint-3" / checkpointing.EMA_FILE)
+    raw = unet_weights(out / "unet_raw")
+    assert_same_tensors(raw, load_file(out / "checkpoint-3" / "model.safetensors"))
+    exported = train.pipeline_classes()[0].from_pretrained(str(out / "unet"))
+    params = list(exported.parameters())
+    assert len(params) == len(ema)
+    assert all(torch.equal(p, ema[f"shadow.{i}"]) for i, p in enumerate(params))
+    assert any(not torch.equal(t, raw[k]) for k, t in exported.state_dict().items())
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert not {"decay", "optimization_step", "inv_gamma", "power", "min_decay"} & config.keys()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(r, f) for r, _, fs in os.walk(out / "logs") for f in fs if "tfevents" in f]
+    scalars = EventAccumulator(events[0]).Reload().Tags()["scalars"]
+    assert {"loss", "lr", "ema_decay", "grad_norm", "images_per_sec"} <= set(scalars)
+    assert [e.step for e in EventAccumulator(events[0]).Reload().Scalars("loss")] == [1, 2, 3]
+
+
+def test_noising_and_loss_stay_fp32_under_bf16_autocast():
+    seen = {}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+
+        def forward(self, x, t):
+            seen["input"] = x.dtype
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = self.conv(x)
+            seen["output"] = out.dtype
+            return type("Out", (), {"sample": out})
+
+    model_args = train.parse_args([])[1]
+    alphas = train.dm.alphas_cumprod_from_betas(train.dm.make_betas(1000))
+    loss = train.compute_loss(Net(), torch.rand(4, 1, 8, 8).bfloat16(), alphas, torch.Generator().manual_seed(0),
+                              model_args, 5.0)
+    assert seen == {"input": torch.float32, "output": torch.bfloat16}
+    assert loss.dtype == torch.float32
+
+
+def test_mixed_precision_bf16_trains(tmp_path):
+    metrics = run(tmp_path, mixed_precision="bf16", max_train_steps=2)
+    assert metrics["global_step"] == 2 and metrics["train_loss"] == metrics["train_loss"]
+
+
+def _nan_on_call(monkeypatch, bad_calls):
+    real = train.compute_loss
+    calls = {"n": 0}
+
+    def fake(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in bad_calls else loss
+
+    monkeypatch.setattr(train, "compute_loss", fake)
+
+
+def test_nonfinite_loss_stops_naming_the_step_after_saving_the_last_good_state(tmp_path, monkeypatch):
+    _nan_on_call(monkeypatch, {3})
+    with pytest.raises(train.NonFiniteLossError, match="optimizer step 3 .*--learning_rate.*skip_nonfinite_steps"):
+        run(tmp_path, max_train_steps=5)
+    out = tmp_path / "out"
+    assert checkpointing.resolve_checkpoint(str(out), "latest") == str(out / "checkpoint-2")
+    with open(out / "checkpoint-2" / checkpointing.STATE_FILE) as f:
+        assert json.load(f)["progress"]["batches_in_epoch"] == 2
+
+
+def test_skip_nonfinite_steps_skips_and_counts(tmp_path, monkeypatch):
+    _nan_on_call(monkeypatch, {2})
+    metrics = run(tmp_path, max_train_steps=3, skip_nonfinite_steps="true")
+    assert metrics["global_step"] == 3 and metrics["skipped_nonfinite_steps"] == 1
+
+
+def test_hub_push_honours_private_and_eval_reaches_the_card(tmp_path, monkeypatch):
+    import ddpm_hf.evaluate
+    import ddpm_hf.hub
+
+    calls = []
+
+    class FakePusher:
+        def __init__(self, repo_id, token, private, folder, **kwargs):
+            calls.append(("init", repo_id, token, private, folder))
+
+        def create(self):
+            calls.append(("create",))
+
+        def push(self, message):
+            calls.append(("push", message))
+
+        def wait(self):
+            return True
+
+    monkeypatch.setattr(ddpm_hf.hub, "HubPusher", FakePusher)
+    monkeypatch.setattr(ddpm_hf.evaluate, "evaluate_pipeline",
+                        lambda pipeline, real, num_samples, **kw: {"fid": 1.25, "real_shape": list(real.shape)})
+    metrics = run(tmp_path, push_to_hub="true", hub_model_id="me/digits", hub_private_repo="true",
+                  hub_token="hf_SECRET123", eval="true", eval_num_samples=4)
+    out = str(tmp_path / "out")
+    assert calls[0] == ("init", "me/digits", "hf_SECRET123", True, out)
+    assert calls[1] == ("create",) and calls[-1] == ("push", "Step 3 (final)")
+    assert metrics["fid"] == 1.25 and metrics["real_shape"] == [1797, 1, 8, 8]
+    for root, _, files in os.walk(out):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert b"hf_SECRET123" not in f.read(), os.path.join(root, name)
+
+
+# ---- checkpoint files --------------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(root, step, complete=True):
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / checkpointing.MARKER).write_text("{}")
+    return str(path)
+
+
+def test_latest_ignores_partial_folders_and_rotation_keeps_the_new_one(tmp_path):
+    _fake_checkpoint(tmp_path, 2)
+    newest = _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 12, complete=False)  # e.g. diffusers' example killed mid-save
+    (tmp_path / ".checkpoint-14.partial").mkdir()
+    assert checkpointing.resolve_checkpoint(str(tmp_path), "latest") == newest
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpointing.resolve_checkpoint(str(tmp_path), "checkpoint-12")
+    with pytest.raises(ValueError, match="no such folder"):
+        checkpointing.resolve_checkpoint(str(tmp_path), "checkpoint-99")
+    checkpointing.remove_partial(str(tmp_path))
+    assert not (tmp_path / ".checkpoint-14.partial").exists()
+    older = _fake_checkpoint(tmp_path, 1)
+    assert checkpointing.rotate(str(tmp_path), 1, keep=older) == [str(tmp_path / "checkpoint-2"), newest]
+    assert checkpointing.resolve_checkpoint(str(tmp_path), "latest") == older
+
+
+def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tmp_path):
+    previous = _fake_checkpoint(tmp_path, 5)
+
+    class FullDisk:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            os.makedirs(path)
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="checkpoint-6.*No space left"):
+        checkpointing.save_checkpoint(FullDisk(), str(tmp_path), 6, total_limit=1)
+    assert checkpointing.resolve_checkpoint(str(tmp_path), "latest") == previous
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
