@@ -86,6 +86,7 @@ def test_defaults_are_the_tuned_ones():
     assert (args.learning_rate, args.lr_warmup_steps, args.train_batch_size, args.snr_gamma) == (2e-3, 100, 64, 5.0)
     assert args.mixed_precision is None and args.use_ema and model.model_preset == "tiny"
     assert (data.resolution, model.grid_sampler, model.ddpm_num_inference_steps) == (16, "ddim", 50)
+    assert (args.num_epochs, args.max_train_steps, args.ema_max_decay) == (36, None, 0.999)
 
 
 def test_resolution_the_network_cannot_take_is_a_clear_error():
@@ -211,9 +212,23 @@ def test_nonfinite_loss_stops_naming_the_step_after_saving_the_last_good_state(t
 
 
 def test_skip_nonfinite_steps_skips_and_counts(tmp_path, monkeypatch):
-    _nan_on_call(monkeypatch, {2})
-    metrics = run(tmp_path, max_train_steps=3, skip_nonfinite_steps="true")
-    assert metrics["global_step"] == 3 and metrics["skipped_nonfinite_steps"] == 1
+    # Call 15 is the last batch of the first epoch (15 batches of 128): skipping it must still end the epoch.
+    _nan_on_call(monkeypatch, {2, 15})
+    metrics = run(tmp_path, max_train_steps=15, skip_nonfinite_steps="true", checkpointing_steps=14)
+    assert metrics["global_step"] == 15 and metrics["skipped_nonfinite_steps"] == 2
+    with open(tmp_path / "out" / "checkpoint-14" / checkpointing.STATE_FILE) as f:
+        assert json.load(f)["progress"] == {"global_step": 14, "epoch": 1, "batches_in_epoch": 1,
+                                            "skipped_nonfinite": 2}
+
+
+def test_resuming_a_checkpoint_of_another_network_names_the_checkpoint(tmp_path):
+    run(tmp_path, max_train_steps=2)
+    train_state_reset()
+    bigger = tmp_path / "bigger.json"
+    bigger.write_text(json.dumps(dict(TINY_UNET, block_out_channels=[16, 48])))
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint-2"):
+        train.main(tiny_flags(tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
+                   + ["--model_config_name_or_path", str(bigger)])
 
 
 def test_hub_push_honours_private_and_eval_reaches_the_card(tmp_path, monkeypatch):

@@ -69,11 +69,12 @@ def test_sigkill_then_resume_latest_is_bit_identical_to_an_uninterrupted_run(tmp
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
 def test_two_processes_train_and_write_the_export_once(tmp_path):
     # facts.md: `accelerate launch --cpu --num_processes 2` silently runs one process; --multi_gpu gives two
-    # gloo ranks on a GPU-less machine. The log, not the launcher, proves it.
+    # gloo ranks on a GPU-less machine only with ACCELERATE_USE_CPU=1. The log, not the launcher, proves it.
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", SCRIPT]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
     flags = tiny_flags(tmp_path, max_train_steps=3, checkpointing_steps=2, train_batch_size=64)
-    result = subprocess.run(command + flags, env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command + flags, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "num_processes=2" in result.stderr
     assert "total batch 128" in result.stderr
@@ -83,3 +84,23 @@ def test_two_processes_train_and_write_the_export_once(tmp_path):
     ckpt = out / "checkpoint-3"
     assert (ckpt / "generator_0.safetensors").exists() and (ckpt / "generator_1.safetensors").exists()
     assert (ckpt / "random_states_1.pkl").exists()
+
+
+def test_ranks_that_each_think_they_are_alone_are_refused(tmp_path):
+    # Without ACCELERATE_USE_CPU=1 accelerate 1.15 gives each rank DistributedType.NO: two independent runs
+    # racing on one output folder. The script stops instead.
+    env = _env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
+    result = subprocess.run(command + tiny_flags(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "set ACCELERATE_USE_CPU=1" in result.stderr
+    assert not (tmp_path / "out" / "unet").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -168,3 +168,30 @@ def test_subpixel_upsample_conv_is_upsample_then_conv(batch, channels, height, w
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     if height * width > 1:  # a 1x1 map is both formats at once
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_deepcopy_and_whole_model_pickle():
+    """EMA helpers deepcopy the net and some users torch.save the whole module."""
+    import copy
+    import io
+
+    _, ours, x, t = tiny_pair()
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        expected = ours(x, t).sample
+        assert torch.equal(copy.deepcopy(ours)(x, t).sample, expected)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x, t).sample, expected)
+
+
+def test_timestep_class_embedding_in_bfloat16():
+    """Divergence: diffusers feeds the float32 label embedding into bf16 weights and raises; we cast it."""
+    config = {**TRAIN, "class_embed_type": "timestep"}
+    torch.manual_seed(0)
+    ours = UNet2DModel(**config).eval()
+    x, labels = torch.randn(2, 1, 8, 8), torch.tensor([1, 7])
+    with torch.no_grad():
+        fp32 = ours(x, 3, class_labels=labels).sample
+        bf16 = ours.to(torch.bfloat16)(x.bfloat16(), 3, class_labels=labels).sample
+    assert rel_err(bf16, fp32) < 1e-1

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
@@ -65,10 +66,8 @@ def parse_args(argv: list[str]) -> tuple[DataArguments, ModelArguments, Training
 
 def pipeline_classes():
     """Our drop-ins for diffusers' UNet2DModel, DDPMScheduler, DDIMScheduler and DDPMPipeline."""
-    try:  # TEMPORARY until the other helpers' modules land
-        from ddpm_hf import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-    except (ImportError, AttributeError):
-        from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+    from ddpm_hf import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
     return UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline
 
 
@@ -82,6 +81,21 @@ def configure_threads(requested: int | None, device: torch.device) -> int:
         requested = int(os.environ.get("OMP_NUM_THREADS", "1")) if device.type == "cpu" else torch.get_num_threads()
     torch.set_num_threads(max(1, requested))
     return torch.get_num_threads()
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Refuse N launched processes that each think they are alone (they would all write the same files).
+
+    accelerate 1.15 does this on a GPU-less machine for `accelerate launch --multi_gpu` without
+    ACCELERATE_USE_CPU=1 (and `--cpu --num_processes 2` starts only one process).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched {world_size} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); on a machine without GPUs set ACCELERATE_USE_CPU=1, e.g. "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 training/train.py`"
+        )
 
 
 def unet_config(model_args: ModelArguments, resolution: int, channels: int, unet_cls) -> dict:
@@ -162,17 +176,22 @@ def export(accelerator: Accelerator, model, pipeline, use_ema: bool, output_dir:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def sample_grid(pipeline, scheduler_cls, model_args: ModelArguments, num_images: int, seed: int) -> Image.Image:
+def sampling_pipeline(pipeline, ddim_cls, model_args: ModelArguments):
+    """The exported pipeline with the --grid_sampler scheduler (DDIM shares the DDPM config's betas)."""
+    if model_args.grid_sampler == "ddpm":
+        return pipeline
+    sampler = type(pipeline)(unet=pipeline.unet, scheduler=ddim_cls.from_config(pipeline.scheduler.config))
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+def sample_grid(pipeline, num_inference_steps: int, num_images: int, seed: int) -> Image.Image:
     """Sample a grid with a fixed generator (the same noise every time, so grids compare across steps)."""
-    scheduler = pipeline.scheduler
-    if model_args.grid_sampler == "ddim":
-        scheduler = scheduler_cls.from_config(scheduler.config)
-    grid_pipeline = type(pipeline)(unet=pipeline.unet, scheduler=scheduler)
-    grid_pipeline.set_progress_bar_config(disable=True)
+    pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.inference_mode():
-        images = grid_pipeline(batch_size=num_images, generator=generator,
-                               num_inference_steps=model_args.ddpm_num_inference_steps, output_type="np").images
+        images = pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps,
+                          output_type="np").images
     return make_grid(np.asarray(images))
 
 
@@ -211,16 +230,17 @@ def write_outputs(accelerator, model, ema, noise_scheduler, classes, args, model
     """Export, grid, model card (and on the final call, evaluation), then an async push. Main process only."""
     _, _, ddim_cls, pipeline_cls = classes
     pipeline = build_pipeline(accelerator, model, ema, noise_scheduler, pipeline_cls)
+    sampler = sampling_pipeline(pipeline, ddim_cls, model_args)
     if final and args.eval:
         from ddpm_hf.evaluate import evaluate_pipeline
 
         real = real_images_for_eval(dataset, data_args.resolution, 2048)
-        metrics.update(evaluate_pipeline(pipeline, real, num_samples=args.eval_num_samples,
+        metrics.update(evaluate_pipeline(sampler, real, num_samples=args.eval_num_samples,
                                          num_inference_steps=model_args.ddpm_num_inference_steps,
                                          generator=torch.Generator().manual_seed(args.seed)))
         logger.info("Evaluation: %s", metrics)
     export(accelerator, model, pipeline, ema is not None, args.output_dir)
-    grid = sample_grid(pipeline, ddim_cls, model_args, args.eval_batch_size, args.seed)
+    grid = sample_grid(sampler, model_args.ddpm_num_inference_steps, args.eval_batch_size, args.seed)
     grid.save(os.path.join(args.output_dir, GRID_FILENAME))
     write_card(args, model_args, data_args, metrics)
     if pusher is not None:
@@ -228,15 +248,13 @@ def write_outputs(accelerator, model, ema, noise_scheduler, classes, args, model
 
 
 def write_card(args, model_args, data_args, metrics: dict) -> None:
-    try:  # TEMPORARY until the model-card helper lands
-        from ddpm_hf.model_card import write_model_card
-    except ImportError:
-        return
+    from ddpm_hf.model_card import write_model_card
 
     dataset_name = data_args.dataset_name or data_args.train_data_dir or "sklearn-digits"
     repo_id = (args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))) if args.push_to_hub else None
     write_model_card(args.output_dir, public_args(data_args, model_args, args), metrics, repo_id, dataset_name,
-                     GRID_FILENAME)
+                     GRID_FILENAME, global_step=metrics.get("global_step"),
+                     wall_time_s=metrics.get("wall_time_minutes", 0.0) * 60)
 
 
 # ---- main --------------------------------------------------------------------------------------------------------
@@ -255,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    check_world_size(accelerator)
     threads = configure_threads(args.num_threads, accelerator.device)
     logger.info("num_processes=%d device=%s mixed_precision=%s torch_threads=%d", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, threads)
@@ -297,8 +316,6 @@ def main(argv: list[str] | None = None) -> dict:
     batches_per_epoch = len(train_dataloader)
     steps_per_epoch = math.ceil(batches_per_epoch / accum)
     max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    from diffusers.optimization import get_scheduler
-
     # Not passed to accelerator.prepare: accelerate would step it num_processes times per optimizer step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
@@ -310,7 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     resume_path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_path is not None:
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except (RuntimeError, KeyError) as err:  # e.g. a checkpoint of another network config (shape mismatch)
+            raise ValueError(f"cannot resume from {resume_path}: {err}") from err
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.global_step,
                     progress.epoch, progress.batches_in_epoch)
     elif args.resume_from_checkpoint is not None:
@@ -333,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
                desc="train")
     params = list(model.parameters())
     loss_sum = torch.zeros((), device=accelerator.device)
-    log_loss, log_images, log_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
+    log_loss, log_images, log_steps = torch.zeros((), device=accelerator.device), 0, 0
+    log_start = time.perf_counter()
     metrics: dict = {}
     first_step_time, first_step = None, progress.global_step
     warm_start, warm_images = None, 0  # throughput after WARMUP_STEPS steps (allocator, caches warmed up)
@@ -370,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
                     progress.skipped_nonfinite += 1
                     logger.warning("Non-finite loss at step %d: update skipped (%d skipped so far)",
                                    progress.global_step + 1, progress.skipped_nonfinite)
+                    finish_epoch_if_done(progress, batches_per_epoch)
                     continue
                 stop_on_nonfinite(accelerator, args, progress, generator, snapshot, group_start, loss_sum)
             grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm) if args.max_grad_norm else None
@@ -378,8 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             ema_decay = ema.update(accelerator.unwrap_model(model).parameters()) if ema is not None else None
             progress.global_step += 1
-            if progress.batches_in_epoch == batches_per_epoch:
-                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+            finish_epoch_if_done(progress, batches_per_epoch)
             bar.update(1)
             if first_step_time is None:
                 first_step_time = time.perf_counter() - started
@@ -391,10 +412,10 @@ def main(argv: list[str] | None = None) -> dict:
 
             step = progress.global_step
             log_loss += loss_sum
+            log_steps += 1
             if step % args.logging_steps == 0 or step == max_steps:
                 elapsed = time.perf_counter() - log_start
-                n_steps = args.logging_steps if step % args.logging_steps == 0 else step % args.logging_steps
-                scalars = {"loss": accelerator.reduce(log_loss, "mean").item() / n_steps,
+                scalars = {"loss": accelerator.reduce(log_loss, "mean").item() / log_steps,
                            "lr": lr_scheduler.get_last_lr()[0], "images_per_sec": log_images / max(elapsed, 1e-9)}
                 if grad_norm is not None:
                     scalars["grad_norm"] = float(grad_norm)
@@ -404,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
                 metrics["train_loss"] = scalars["loss"]
                 log_loss.zero_()
-                log_images, log_start = 0, time.perf_counter()
+                log_images, log_steps, log_start = 0, 0, time.perf_counter()
             if step % args.checkpointing_steps == 0 and step < max_steps:
                 save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
             periodic_images = args.save_images_steps and step % args.save_images_steps == 0
@@ -436,6 +457,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"training finished and the export is in {args.output_dir}, but the final push failed "
                          "(see the log above for the command to push it by hand)")
     return metrics
+
+
+def finish_epoch_if_done(progress: TrainProgress, batches_per_epoch: int) -> None:
+    """Move to the next epoch once all its batches are consumed (checkpoints then resume at its start)."""
+    if progress.batches_in_epoch == batches_per_epoch:
+        progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
 
 def stop_on_nonfinite(accelerator, args, progress: TrainProgress, generator, snapshot, group_start: int,

@@ -277,13 +277,12 @@ def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, datase
         if not os.path.isdir(train_data_dir):
             raise ValueError(f"--train_data_dir {train_data_dir!r} is not a directory")
         source = f"--train_data_dir {train_data_dir!r}"
-        load = lambda: datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir,
-                                             split="train")
+        path, name, data_dir = "imagefolder", None, train_data_dir
     else:
         source = f"--dataset_name {dataset_name!r}"
-        load = lambda: datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        path, name, data_dir = dataset_name, dataset_config_name, None
     try:
-        dataset = load()
+        dataset = datasets.load_dataset(path, name, data_dir=data_dir, cache_dir=cache_dir, split="train")
     except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as err:
         raise ValueError(f"could not load images from {source}: {err}") from err
     if len(dataset) == 0:

@@ -52,6 +52,73 @@ def check_real(name: str, value: Any, low: float, high: float, low_open: bool = 
         raise ValueError(f"{name} must be a finite float in {interval}, got {value!r}")
 
 
+def check_step_inputs(model_output: Any, sample: Any, generator: Any, variance_noise: Any = None) -> None:
+    """Raise TypeError/ValueError naming the ``step`` argument that is not what the step can use.
+
+    ``model_output`` may differ from ``sample`` only in its channel count (learned variances stack 2C channels).
+    """
+    for name, value in (("model_output", model_output), ("sample", sample)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}"
+                            + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else ""))
+    if model_output.ndim != sample.ndim or model_output.ndim < 2 or (
+        model_output.shape[:1] + model_output.shape[2:] != sample.shape[:1] + sample.shape[2:]
+    ):
+        raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape "
+                         f"{tuple(sample.shape)} (only the channel dimension may differ)")
+    if isinstance(generator, list):
+        if len(generator) != sample.shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator as a list needs one torch.Generator per sample ({sample.shape[0]}), got "
+                             f"{len(generator)} item(s)")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}")
+    if variance_noise is not None and (not isinstance(variance_noise, torch.Tensor) or
+                                       variance_noise.shape != model_output.shape):
+        raise ValueError(f"variance_noise must be a torch.Tensor of shape {tuple(model_output.shape)}, got "
+                         f"{getattr(variance_noise, 'shape', type(variance_noise).__name__)}")
+
+
+# Far beyond any published schedule (improved DDPM: 4000); larger tables only exhaust memory.
+MAX_TRAIN_TIMESTEPS = 1_000_000
+
+
+def check_trained_betas(value: Any) -> None:
+    """Raise TypeError unless ``value`` is None or a 1-d sequence/array/tensor of numbers (ranges: make_betas)."""
+    if value is None:
+        return
+    message = f"trained_betas must be None or a 1-d sequence of floats in (0, 1), got {value!r:.80}"
+    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(message)
+    try:
+        array = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(message) from err
+    if array.ndim != 1:
+        raise TypeError(message)
+
+
+def check_schedule(alphas_cumprod: torch.Tensor, zero_terminal_snr: bool) -> None:
+    """Reject schedules that make the steps divide by zero or overflow float32 (found by tests/test_fuzz_*).
+
+    bar(alpha)_0 == 1 (a beta that rounds away next to 1) makes the t = 0 posterior variance 0/0; a bar(alpha)
+    below float32's smallest normal number makes the x_0 coefficient 1/sqrt(bar(alpha)) overflow a float32 sample.
+    The zero-terminal-SNR rescale's bar(alpha)_{T-1} = 0 is deliberate and handled at step time instead.
+    """
+    if not alphas_cumprod[0] < 1:
+        raise ValueError(
+            f"beta_start / trained_betas[0] is too small: 1 - beta_0 rounds to 1 in float64, so bar(alpha)_0 = 1 and "
+            "the last sampling step divides 0 by 0; use a first beta >= 1e-15"
+        )
+    checked = alphas_cumprod[:-1] if zero_terminal_snr else alphas_cumprod
+    smallest = checked.min().item() if checked.numel() else 1.0
+    if smallest < torch.finfo(torch.float32).tiny:
+        raise ValueError(
+            f"this schedule drives bar(alpha) down to {smallest:.3g}, below float32's smallest normal number, so "
+            "x_0 cannot be recovered from x_t; use fewer num_train_timesteps or a smaller beta_end (the linear "
+            "schedule is not rescaled with num_train_timesteps, as in diffusers)"
+        )
+
+
 class TableScheduler(SchedulerMixin, ConfigMixin):
     """Base of the two schedulers: a float64 schedule plus a descending table of timesteps to visit.
 
@@ -67,6 +134,10 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         """Validate the shared config keys and build the float64 schedule and the full default table."""
         cfg = self.config
         check_int("num_train_timesteps", cfg.num_train_timesteps, 1)
+        if cfg.num_train_timesteps > MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"num_train_timesteps must be an int in [1, {MAX_TRAIN_TIMESTEPS}], "
+                             f"got {cfg.num_train_timesteps}")
+        check_trained_betas(cfg.trained_betas)
         check_choice("beta_schedule", cfg.beta_schedule, dm.BETA_SCHEDULES)
         for name in ("beta_start", "beta_end"):
             check_real(name, getattr(cfg, name), 0.0, 1.0, high_open=True)
@@ -87,6 +158,7 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = dm.alphas_cumprod_from_betas(betas)
+        check_schedule(self.alphas_cumprod, cfg.rescale_betas_zero_snr)
         final = 1.0 if final_alpha_is_one else self.alphas_cumprod[0].item()
         self.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
         self.init_noise_sigma = 1.0
@@ -147,7 +219,12 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
                 timestep.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
             ):
                 return timestep.storage_offset() - table.storage_offset()
-        index = self._index_of.get(int(timestep))
+        value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        if isinstance(value, (bool, np.bool_)) or not (
+            isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        ):
+            raise TypeError(f"timestep must be an int (an entry of scheduler.timesteps), got {timestep!r}")
+        index = self._index_of.get(int(value))
         if index is None:
             raise ValueError(
                 f"timestep {int(timestep)} is not in scheduler.timesteps; call set_timesteps and step through "
@@ -174,10 +251,13 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
     def _limit_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding or clipping of the predicted x_0 (thresholding wins when both are on, as in diffusers)."""
         cfg = self.config
+        # Bounds past the dtype's range (valid config values) would make torch's clamp raise: cap them.
+        largest = torch.finfo(x0.dtype if x0.is_floating_point() else torch.float32).max
         if cfg.thresholding:
-            return dm.dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            return dm.dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, min(float(cfg.sample_max_value), largest))
         if cfg.clip_sample:
-            return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+            bound = min(float(cfg.clip_sample_range), largest)
+            return x0.clamp(-bound, bound)
         return x0
 
     def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import diffusion_math as dm
-from .scheduling_common import TableScheduler, check_bool
+from .scheduling_common import TableScheduler, check_bool, check_step_inputs
 
 __all__ = ["DDIMScheduler", "DDIMSchedulerOutput"]
 
@@ -33,8 +33,10 @@ class _StepCoefficients(NamedTuple):
 
 
 def _check_eta(eta: float) -> float:
-    if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite float >= 0 (0 = DDIM, 1 = DDPM-like), got {eta!r}")
+    # eta > 1 makes sigma^2 exceed 1 - bar(alpha)_prev, so eq. 12's direction term sqrt(1 - a_prev - sigma^2) is
+    # imaginary (diffusers returns NaN there); huge values overflow float32.
+    if not isinstance(eta, numbers.Real) or isinstance(eta, bool) or not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a finite float in [0, 1] (0 = DDIM, 1 = DDPM-like), got {eta!r}")
     return float(eta)
 
 
@@ -129,6 +131,7 @@ class DDIMScheduler(TableScheduler):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is None: call set_timesteps(num_inference_steps) before step()")
         eta = _check_eta(eta)
+        check_step_inputs(model_output, sample, generator, variance_noise)
         if variance_noise is not None and generator is not None:
             raise ValueError("pass at most one of generator and variance_noise, not both")
         c = self._step_coefficients(eta)[self._step_index(timestep)]

@@ -11,7 +11,7 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import diffusion_math as dm
-from .scheduling_common import TableScheduler, check_choice
+from .scheduling_common import TableScheduler, check_choice, check_step_inputs
 
 __all__ = ["DDPMScheduler", "DDPMSchedulerOutput"]
 
@@ -147,6 +147,7 @@ class DDPMScheduler(TableScheduler):
         Returns:
             ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` or the tuple of the two.
         """
+        check_step_inputs(model_output, sample, generator)
         coefficients = self._step_coefficients()[self._step_index(timestep)]
         model_output, var_values = self._split_output(model_output, sample)
         x0 = dm.combine(coefficients.x0_sample, sample, coefficients.x0_output, model_output)
