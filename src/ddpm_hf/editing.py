@@ -99,10 +99,15 @@ def mask_to_tensor(mask: ImageInput, batch: int, size: tuple[int, int]) -> torch
 
 
 def check_generator(generator: torch.Generator | list[torch.Generator] | None, batch: int) -> None:
-    """A list of generators must give exactly one generator per sample."""
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"generator is a list of {len(generator)} generators but the batch size is {batch}; "
-                         "pass one generator per sample or a single generator")
+    """``generator`` is None, a torch.Generator, or a list of exactly one generator per sample."""
+    if isinstance(generator, list):
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator as a list must hold only torch.Generator objects")
+        if len(generator) != batch:
+            raise ValueError(f"generator is a list of {len(generator)} generators but the batch size is {batch}; "
+                             "pass one generator per sample or a single generator")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None, a torch.Generator or a list of them, got {type(generator).__name__}")
 
 
 def check_latents(latents: torch.Tensor, shape: tuple[int, ...], name: str = "latents") -> None:

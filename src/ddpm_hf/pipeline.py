@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 import os
 from typing import Any, Callable
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, ModelMixin, SchedulerMixin
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -132,6 +134,19 @@ def _load_scheduler(folder: str, entry: list) -> SchedulerMixin:
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"model_index.json names scheduler {entry}; expected a diffusers scheduler class")
     return cls.from_pretrained(folder, subfolder="scheduler")
+
+
+def _int_list(timesteps: Any) -> list[int]:
+    """A custom timestep list as Python ints; TypeError for anything that is not a sequence of integers."""
+    if isinstance(timesteps, torch.Tensor):
+        timesteps = timesteps.tolist()
+    if isinstance(timesteps, np.ndarray):
+        timesteps = timesteps.tolist()
+    if not isinstance(timesteps, (list, tuple)) or not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in timesteps
+    ):
+        raise TypeError(f"timesteps must be a list of ints (descending training timesteps), got {timesteps!r:.80}")
+    return [int(t) for t in timesteps]
 
 
 class DDPMPipeline(DiffusionPipeline):
@@ -276,7 +291,7 @@ class DDPMPipeline(DiffusionPipeline):
             if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
                 raise ValueError(f"timesteps needs a scheduler that accepts custom timesteps; "
                                  f"{type(scheduler).__name__}.set_timesteps does not")
-            scheduler.set_timesteps(timesteps=[int(t) for t in timesteps])
+            scheduler.set_timesteps(timesteps=_int_list(timesteps))
             return scheduler.timesteps
         if num_inference_steps is None:
             ddim_like = "eta" in inspect.signature(scheduler.step).parameters
