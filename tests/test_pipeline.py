@@ -53,7 +53,10 @@ def test_ddpm_equals_diffusers_ddpm_pipeline(steps):
     kwargs = {} if steps is None else {"num_inference_steps": steps}
     ref = _quiet(diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()))
     expected = ref(batch_size=2, generator=_gen(3), output_type="np", **kwargs).images
-    for pair in _components(unet, "DDPMScheduler"):
+    pairs = _components(unet, "DDPMScheduler")
+    # The full 1000-step chain is the expensive case: run it for ddpm_hf's own components only; the mixed
+    # combinations are covered by the 10-step case.
+    for pair in pairs if steps is not None else pairs[-1:]:
         got = _quiet(DDPMPipeline(*pair))(batch_size=2, generator=_gen(3), output_type="np", **kwargs).images
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 

@@ -310,3 +310,27 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tmp_path
         checkpointing.save_checkpoint(FullDisk(), str(tmp_path), 6, total_limit=1)
     assert checkpointing.resolve_checkpoint(str(tmp_path), "latest") == previous
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
+
+
+def test_ema_decay_schedules_and_state_round_trip():
+    from ddpm_hf.ema import EMA
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([param], max_decay=0.999, warmup=True, inv_gamma=1.0, power=2 / 3)
+    decays = []
+    for n in range(1, 4):
+        param.data.fill_(float(n))
+        decays.append(ema.update([param]))
+    assert decays == pytest.approx([1 - (1 + n) ** (-2 / 3) for n in (1, 2, 3)])
+    expected = 0.0
+    for n, d in zip((1, 2, 3), decays):
+        expected = d * expected + (1 - d) * n
+    torch.testing.assert_close(ema.shadow[0], torch.full((3,), expected))
+    constant = EMA([param], max_decay=0.9, warmup=False)
+    assert constant.update([param]) == 0.9
+    restored = EMA([param], max_decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 3 and restored.decay() == ema.decay()
+    assert torch.equal(restored.shadow[0], ema.shadow[0])
+    with pytest.raises(ValueError, match="max_decay must be < 1"):
+        EMA([param], max_decay=1.0)

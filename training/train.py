@@ -35,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from args import MODEL_PRESETS, DataArguments, ModelArguments, TrainingArguments, validate  # noqa: E402
 
 from ddpm_hf import diffusion_math as dm  # noqa: E402
-from ddpm_hf.checkpointing import StateHooks, TrainProgress, remove_partial, resolve_checkpoint, save_checkpoint  # noqa: E402,E501
-from ddpm_hf.data import EpochShuffleSampler, build_train_dataset, load_digits_tensor  # noqa: E402
+from ddpm_hf.checkpointing import (  # noqa: E402
+    StateHooks, TrainProgress, remove_partial, resolve_checkpoint, save_checkpoint)
+from ddpm_hf.data import DIGITS_NAME, EpochShuffleSampler, build_train_dataset, load_digits_tensor  # noqa: E402
 from ddpm_hf.ema import EMA  # noqa: E402
 from ddpm_hf.losses import hybrid_loss, min_snr_weights, simple_loss, training_target  # noqa: E402
 
@@ -250,7 +251,7 @@ def write_outputs(accelerator, model, ema, noise_scheduler, classes, args, model
 def write_card(args, model_args, data_args, metrics: dict) -> None:
     from ddpm_hf.model_card import write_model_card
 
-    dataset_name = data_args.dataset_name or data_args.train_data_dir or "sklearn-digits"
+    dataset_name = data_args.dataset_name or data_args.train_data_dir or DIGITS_NAME
     repo_id = (args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))) if args.push_to_hub else None
     write_model_card(args.output_dir, public_args(data_args, model_args, args), metrics, repo_id, dataset_name,
                      GRID_FILENAME, global_step=metrics.get("global_step"),
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_path is not None:
         try:
             accelerator.load_state(resume_path)
-        except (RuntimeError, KeyError) as err:  # e.g. a checkpoint of another network config (shape mismatch)
+        except (RuntimeError, KeyError, ValueError) as err:  # e.g. another network config: shape mismatch
             raise ValueError(f"cannot resume from {resume_path}: {err}") from err
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.global_step,
                     progress.epoch, progress.batches_in_epoch)

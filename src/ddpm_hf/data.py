@@ -19,7 +19,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-DIGITS_NAME = "sklearn-digits"
+DIGITS_NAME = "sklearn-digits"  # how model cards and logs name the built-in data
 # PIL modes that carry a single intensity channel (plus, for LA, alpha).
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}

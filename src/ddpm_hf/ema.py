@@ -38,9 +38,9 @@ class EMA:
         self.num_updates = 0
         self.shadow = [p.detach().clone().float() for p in parameters]
 
-    def decay(self, num_updates: int | None = None) -> float:
-        """The decay used by update number ``num_updates`` (default: the next one), counting from 1."""
-        n = self.num_updates + 1 if num_updates is None else num_updates
+    def decay(self) -> float:
+        """The decay the next update will use (update n counts from 1)."""
+        n = self.num_updates + 1
         if not self.warmup:
             return self.max_decay
         return min(self.max_decay, 1.0 - (1.0 + n / self.inv_gamma) ** -self.power)
@@ -62,10 +62,6 @@ class EMA:
         """Write the shadow weights into ``parameters`` (in their dtype)."""
         for shadow, param in zip(self.shadow, parameters, strict=True):
             param.copy_(shadow)
-
-    def to(self, device: torch.device | str) -> "EMA":
-        self.shadow = [s.to(device) for s in self.shadow]
-        return self
 
     def state_dict(self) -> dict:
         """Tensors under ``shadow.{i}`` plus the scalar state, ready for safetensors + JSON."""

@@ -8,109 +8,61 @@ self-attention at chosen resolutions).
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils import (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                             WEIGHTS_NAME)
 from torch import nn
 
-from .blocks import ACTIVATIONS, DownBlock, MidBlock, UpBlock, activation
+from .blocks import DownBlock, MidBlock, UpBlock, activation
+from .config_checks import ConfigError, strip_legacy_prefix, validate_config
 from .embeddings import GaussianFourierEmbedding, SinusoidalTimestepEmbedding, TimestepMLP
 
 __all__ = ["UNet2DModel", "UNet2DOutput"]
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
-MID_BLOCK_TYPES = ("UNetMidBlock2D", None)
-TIME_EMBEDDING_TYPES = ("positional", "fourier", "learned")
-CLASS_EMBED_TYPES = (None, "timestep", "identity")
-RESAMPLE_TYPES = ("conv", "resnet")
-TIME_SCALE_SHIFTS = ("default", "scale_shift")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_INT64_MIN, _INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 
 
-def _unsupported(key: str, value, allowed) -> ValueError:
-    return ValueError(f"{key}={value!r} is not supported by ddpm_hf.UNet2DModel; allowed: {list(allowed)}")
+def _validate(config) -> None:
+    """Check every config value before building anything (see ``config_checks``)."""
+    try:
+        validate_config(dict(config))
+    except ConfigError as error:
+        if error.key in config.get("_use_default_values", ()):
+            raise type(error)(error.key, f"{error} (the default: the config does not set {error.key})") from None
+        raise
 
 
-def _strip_legacy_prefix(block_type):
-    # diffusers accepts the old "UNetRes" prefix (UNetResDownBlock2D == DownBlock2D).
-    if isinstance(block_type, str) and block_type.startswith("UNetRes"):
-        return block_type[len("UNetRes"):]
-    return block_type
+def _with_variant(name: str, variant: str | None) -> str:
+    # diffusers' file naming: the variant goes before the last extension (model.fp16.safetensors).
+    if not variant:
+        return name
+    stem, extension = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{extension}"
 
 
-def _check_choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise _unsupported(key, value, allowed)
+def _weights_file(folder: str, variant: str | None, use_safetensors: bool | None) -> str:
+    """The weights file ``from_pretrained`` read in ``folder``: the first that exists, in diffusers' order."""
+    names = [SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME]
+    if use_safetensors is False:
+        names = names[2:]
+    paths = [os.path.join(folder, _with_variant(name, variant)) for name in names]
+    return next((path for path in paths if os.path.isfile(path)), paths[0])
 
 
-def _check_groups(key: str, groups: int, channels) -> None:
-    for c in channels:
-        if c % groups:
-            raise ValueError(f"{key}={groups} must divide every normalised channel count; {c} is not divisible")
-
-
-def _validate_config(cfg: dict) -> None:
-    """Raise ValueError naming the first config key whose value this implementation does not build exactly."""
-    down = [_strip_legacy_prefix(t) for t in cfg["down_block_types"]]
-    up = [_strip_legacy_prefix(t) for t in cfg["up_block_types"]]
-    channels = list(cfg["block_out_channels"])
-    if len(down) != len(up):
-        raise ValueError(f"down_block_types ({len(down)}) and up_block_types ({len(up)}) must have the same length")
-    if len(channels) != len(down) or not channels:
-        raise ValueError(f"block_out_channels={channels} must have one entry per down block ({len(down)})")
-    if any(not isinstance(c, int) or c < 1 for c in channels):
-        raise ValueError(f"block_out_channels={channels} must be positive ints")
-    for i, t in enumerate(down):
-        _check_choice(f"down_block_types[{i}]", t, DOWN_BLOCK_TYPES)
-    for i, t in enumerate(up):
-        _check_choice(f"up_block_types[{i}]", t, UP_BLOCK_TYPES)
-    _check_choice("mid_block_type", cfg["mid_block_type"], MID_BLOCK_TYPES)
-    _check_choice("time_embedding_type", cfg["time_embedding_type"], TIME_EMBEDDING_TYPES)
-    _check_choice("class_embed_type", cfg["class_embed_type"], CLASS_EMBED_TYPES)
-    _check_choice("resnet_time_scale_shift", cfg["resnet_time_scale_shift"], TIME_SCALE_SHIFTS)
-    _check_choice("downsample_type", cfg["downsample_type"], RESAMPLE_TYPES)
-    _check_choice("upsample_type", cfg["upsample_type"], RESAMPLE_TYPES)
-    if not isinstance(cfg["act_fn"], str) or cfg["act_fn"].lower() not in ACTIVATIONS:
-        raise _unsupported("act_fn", cfg["act_fn"], ACTIVATIONS)
-    if cfg["time_embedding_type"] == "learned" and not (isinstance(cfg["num_train_timesteps"], int)
-                                                        and cfg["num_train_timesteps"] > 0):
-        raise ValueError(f"num_train_timesteps={cfg['num_train_timesteps']!r} must be a positive int "
-                         "when time_embedding_type='learned'")
-    if not isinstance(cfg["layers_per_block"], int) or cfg["layers_per_block"] < 1:
-        raise ValueError(f"layers_per_block={cfg['layers_per_block']!r} must be a positive int")
-    head_dim = cfg["attention_head_dim"]
-    attended = [c for c, t in zip(channels, down) if t.startswith("Attn")]
-    attended += [c for c, t in zip(channels[::-1], up) if t.startswith("Attn")]
-    if cfg["mid_block_type"] is not None and cfg["add_attention"]:
-        attended.append(channels[-1])
-    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1 or head_dim > min(attended, default=head_dim)):
-        raise ValueError(f"attention_head_dim={head_dim!r} must be None or an int in [1, {min(attended)}]")
-    if not 0 <= cfg["dropout"] < 1:
-        raise ValueError(f"dropout={cfg['dropout']!r} must be in [0, 1)")
-    if not cfg["mid_block_scale_factor"] > 0:
-        raise ValueError(f"mid_block_scale_factor={cfg['mid_block_scale_factor']!r} must be > 0")
-    if not isinstance(cfg["downsample_padding"], int) or cfg["downsample_padding"] < 0:
-        raise ValueError(f"downsample_padding={cfg['downsample_padding']!r} must be a non-negative int")
-    if not isinstance(cfg["norm_num_groups"], int) or cfg["norm_num_groups"] < 1:
-        raise ValueError(f"norm_num_groups={cfg['norm_num_groups']!r} must be a positive int")
-    _check_groups("norm_num_groups", cfg["norm_num_groups"], _normalised_channels(channels, cfg["layers_per_block"]))
-    if cfg["attn_norm_num_groups"] is not None:
-        _check_groups("attn_norm_num_groups", cfg["attn_norm_num_groups"], channels[-1:])
-
-
-def _normalised_channels(channels: list[int], layers_per_block: int) -> set[int]:
-    """Every channel count a GroupNorm sees: the stage widths and the decoder's [h, skip] concatenations."""
-    widths = set(channels)
-    reversed_channels = channels[::-1]
-    for i, out in enumerate(reversed_channels):
-        prev = reversed_channels[max(i - 1, 0)]
-        deepest_skip = reversed_channels[min(i + 1, len(channels) - 1)]
-        for j in range(layers_per_block + 1):
-            skip = deepest_skip if j == layers_per_block else out
-            widths.add((prev if j == 0 else out) + skip)
-    return widths
+def _is_shape_mismatch(error: Exception) -> bool:
+    # diffusers 0.42.1 reports a shape mismatch as ValueError (low_cpu_mem_usage=True, the default) or as
+    # torch's RuntimeError "size mismatch" (low_cpu_mem_usage=False), neither naming the file.
+    if isinstance(error, ValueError):
+        return "expected shape" in str(error)
+    return isinstance(error, RuntimeError) and "size mismatch" in str(error)
 
 
 class UNet2DModel(ModelMixin, ConfigMixin):
@@ -119,7 +71,8 @@ class UNet2DModel(ModelMixin, ConfigMixin):
     A re-implementation of ``diffusers.UNet2DModel`` for the DDPM family with identical config, parameter names
     and outputs, tuned for speed. Config arguments are those of diffusers 0.42.1 with the same defaults; values
     this class does not build exactly (other block types, ``downsample_type`` other than "conv"/"resnet", ...)
-    raise ValueError instead of giving a different network.
+    raise ValueError instead of giving a different network, and wrongly typed values raise TypeError; both name
+    the key and the allowed values, at construction (diffusers fails later, or with torch's message).
 
     Args:
         sample_size: height and width of the samples (metadata only, used by pipelines).
@@ -191,7 +144,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         num_train_timesteps: int | None = None,
     ):
         super().__init__()
-        _validate_config(dict(self.config))
+        _validate(self.config)
         channels = list(block_out_channels)
         time_embed_dim = time_embedding_dim or 4 * channels[0]
         self.sample_size = sample_size
@@ -209,8 +162,8 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
         resnet_kwargs = dict(temb_channels=time_embed_dim, groups=norm_num_groups, eps=norm_eps, dropout=dropout,
                              act_fn=act_fn, time_scale_shift=resnet_time_scale_shift)
-        down_types = [_strip_legacy_prefix(t) for t in down_block_types]
-        up_types = [_strip_legacy_prefix(t) for t in up_block_types]
+        down_types = [strip_legacy_prefix(t) for t in down_block_types]
+        up_types = [strip_legacy_prefix(t) for t in up_block_types]
         last = len(channels) - 1
 
         self.down_blocks = nn.ModuleList()
@@ -244,6 +197,34 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps)
         self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "UNet2DModel":
+        """Load a saved model as diffusers' ``ModelMixin.from_pretrained`` does (same arguments).
+
+        Errors that diffusers raises without naming a file are re-raised naming it: a config value this class
+        cannot build (including a key missing from config.json whose default does not fit the rest) gives a
+        ValueError/TypeError naming config.json, weights of another config give a ValueError naming the weights.
+
+        Args:
+            pretrained_model_name_or_path: a local folder or a Hub repo id.
+            **kwargs: passed on to ``ModelMixin.from_pretrained`` (``subfolder``, ``variant``, ``torch_dtype``, ...).
+
+        Returns:
+            The loaded ``UNet2DModel``, in eval mode.
+        """
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        config_file = os.path.join(folder, CONFIG_NAME)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ConfigError as error:
+            raise type(error)(error.key, f"{config_file}: {error}") from error
+        except (ValueError, RuntimeError) as error:
+            if not _is_shape_mismatch(error):
+                raise
+            weights = _weights_file(folder, kwargs.get("variant"), kwargs.get("use_safetensors"))
+            raise ValueError(f"{weights}: the weights do not fit the config in {config_file} (a checkpoint of "
+                             f"another model config?): {error}") from error
+
     @staticmethod
     def _head_dim(attention_head_dim: int | None, channels: int) -> int:
         return attention_head_dim if attention_head_dim is not None else channels
@@ -272,11 +253,22 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         if not torch.is_tensor(timestep):
             if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
                 raise TypeError(f"timestep must be an int, a float or a tensor, got {type(timestep).__name__}")
+            if isinstance(timestep, float) and not (math.isfinite(timestep) and abs(timestep) <= _FLOAT32_MAX):
+                raise ValueError(f"timestep must be finite in float32, got {timestep!r}")
+            if isinstance(timestep, int) and not _INT64_MIN <= timestep <= _INT64_MAX:
+                raise ValueError(f"timestep must fit in int64, got {timestep!r}")
             # Unlike diffusers, which casts every Python number to long, a fractional float stays fractional.
             dtype = torch.long if isinstance(timestep, int) else torch.float32
             return torch.full((batch,), timestep, dtype=dtype, device=sample.device)
         if timestep.dim() > 1 or timestep.numel() not in (1, batch):
             raise ValueError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}")
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise ValueError(f"timestep must have an integer or floating dtype, got {timestep.dtype}")
+        # Only float tensors can hold NaN/inf; checking integer ones would cost a device sync per step for nothing.
+        # The check is skipped under torch.compile, where a data-dependent branch would break the graph.
+        if timestep.is_floating_point() and not torch.compiler.is_compiling() \
+                and not torch.isfinite(timestep.float()).all():
+            raise ValueError(f"timestep must be finite in float32 (the embedding's precision), got {timestep}")
         return timestep.reshape(-1).to(sample.device).expand(batch)
 
     def _check_sample(self, sample: torch.Tensor) -> None:
@@ -284,6 +276,8 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != in_channels:
             shape = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
             raise ValueError(f"sample must be a (batch, {in_channels}, height, width) tensor, got {shape}")
+        if not sample.is_floating_point():
+            raise ValueError(f"sample must be a floating-point tensor, got dtype {sample.dtype}")
         factor = 2 ** (len(self.down_blocks) - 1)
         if sample.shape[2] % factor or sample.shape[3] % factor:
             raise ValueError(f"sample height and width must be multiples of {factor}, got {tuple(sample.shape[2:])}")
