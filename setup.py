@@ -4,14 +4,19 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
+# (name inside the package, repository path) of each file ddpm_hf.shipped_files.shipped_file reads.
+SHIPPED = (("model_card.md", "model_card.md"), ("pipeline_ddpm_hf.py.txt", "pipelines/pipeline_ddpm_hf.py"))
 
-class BuildPyWithCardTemplate(build_py):
-    """Ship the repo-root model_card.md template inside the built package."""
+
+class BuildPyWithShippedFiles(build_py):
+    """Copy the repo-root files the library reads (see ddpm_hf.shipped_files) into the built package."""
 
     def run(self) -> None:
         super().run()
         if not self.editable_mode:
-            shutil.copy(Path(__file__).parent / "model_card.md", Path(self.build_lib) / "ddpm_hf" / "model_card.md")
+            root = Path(__file__).parent
+            for packaged_name, repo_path in SHIPPED:
+                shutil.copy(root / repo_path, Path(self.build_lib) / "ddpm_hf" / packaged_name)
 
 
 setup(
@@ -21,7 +26,7 @@ setup(
     "a pipeline and an accelerate training script.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    cmdclass={"build_py": BuildPyWithCardTemplate},
+    cmdclass={"build_py": BuildPyWithShippedFiles},
     package_dir={"": "src"},
     packages=find_packages("src"),
     python_requires=">=3.10",

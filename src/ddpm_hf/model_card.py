@@ -21,11 +21,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
 from .hub import scrub_secrets
+from .shipped_files import shipped_file
 
-# A wheel install carries the template inside the package (setup.py copies it); a source checkout reads the
-# repo-root original, which stays the single file to edit.
-_PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
-TEMPLATE_PATH = _PACKAGED_TEMPLATE if _PACKAGED_TEMPLATE.exists() else Path(__file__).resolve().parents[2] / "model_card.md"
+TEMPLATE_PATH = shipped_file("model_card.md", "model_card.md")
 TAGS = ("ddpm", "diffusers", "diffusers-ddpm", "ddpm_hf", "unconditional-image-generation")
 _SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.IGNORECASE)
 _METRIC_LABELS = {

@@ -37,6 +37,7 @@ from .editing import (
 from .likelihood import LikelihoodOutput, variational_bound
 from .models import UNet2DModel
 from .schedulers import DDIMScheduler, DDPMScheduler
+from .shipped_files import shipped_file
 
 Generator = torch.Generator | list[torch.Generator] | None
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -44,30 +45,8 @@ STOCK_SPACINGS = ("leading", "linspace", "trailing")
 HUB_PIPELINE_MODULE = "pipeline_ddpm_hf"
 HUB_PIPELINE_CLASS = "DDPMHFPipeline"
 # The Hub-facing file, written next to model_index.json when stock diffusers would sample a saved scheduler
-# wrongly; pipelines/pipeline_ddpm_hf.py in the repository is this text (a test keeps them identical).
-HUB_PIPELINE_SOURCE = '''"""Hub entry point for ddpm_hf's DDPMPipeline (needs ``pip install ddpm_hf``).
-
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(repo_or_folder, custom_pipeline="pipeline_ddpm_hf", trust_remote_code=True)
-
-diffusers builds the components that model_index.json names (its own UNet2DModel and DDPMScheduler or
-DDIMScheduler); this class swaps them for ddpm_hf's classes, whose configs and weights are interchangeable, so
-scheduler options that stock diffusers lacks or gets wrong (quad spacing, its prev-timestep and variance bugs)
-sample correctly.
-"""
-
-from diffusers import ModelMixin, SchedulerMixin
-
-try:
-    import ddpm_hf.pipeline
-except ImportError as error:
-    raise ImportError("This checkpoint samples with ddpm_hf's classes: pip install ddpm_hf") from error
-
-
-class DDPMHFPipeline(ddpm_hf.pipeline.DDPMPipeline):
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
-        super().__init__(*ddpm_hf.pipeline.to_ddpm_hf_components(unet, scheduler))
-'''
+# wrongly: the text of pipelines/pipeline_ddpm_hf.py.
+HUB_PIPELINE_SOURCE = shipped_file("pipeline_ddpm_hf.py.txt", "pipelines/pipeline_ddpm_hf.py").read_text()
 
 
 # ---- sharing: what stock diffusers can load and sample identically ------------------------------------------------
