@@ -89,6 +89,12 @@ def test_defaults_are_the_tuned_ones():
     assert (args.num_epochs, args.max_train_steps, args.ema_max_decay) == (36, None, 0.999)
 
 
+def test_a_bad_resolution_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="--resolution 9 .* multiple of 2"):
+        run(tmp_path, resolution=9)
+    assert not (tmp_path / "out").exists()
+
+
 def test_resolution_the_network_cannot_take_is_a_clear_error():
     unet_cls = train.pipeline_classes()[0]
     model_args = train.parse_args([])[1]
