@@ -62,20 +62,6 @@ def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch
     return per_sample.mean()
 
 
-def learned_range_log_variance(var_values: torch.Tensor, alpha_prod_t: torch.Tensor,
-                               alpha_prod_prev: torch.Tensor, posterior_log_variance_t1: torch.Tensor) -> torch.Tensor:
-    """log Sigma_theta = v log beta_t + (1 - v) log beta_tilde_t with v = (out + 1) / 2 (improved DDPM, eq. 15).
-
-    beta_tilde at t = 0 is zero, so (as in the paper's code) its log is clipped to that of t = 1, which
-    ``posterior_log_variance_t1`` supplies.
-    """
-    _, _, posterior_var = dm.q_posterior_coefficients(alpha_prod_t, alpha_prod_prev)
-    log_beta_tilde = torch.where(posterior_var > 0, posterior_var.clamp(min=1e-300).log(), posterior_log_variance_t1)
-    log_beta = dm.step_beta(alpha_prod_t, alpha_prod_prev).log()
-    frac = (var_values.float() + 1) / 2
-    return frac * dm.as_alpha(log_beta, frac) + (1 - frac) * dm.as_alpha(log_beta_tilde, frac)
-
-
 def vlb_term(mean_output: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
              timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """Per-sample L_t of the variational bound in bits per dimension (DDPM eq. 5; improved DDPM sec. 2).
@@ -99,18 +85,20 @@ def vlb_term(mean_output: torch.Tensor, var_values: torch.Tensor, x0: torch.Tens
     t = timesteps.to(table.device).long()
     a_t = table[t]
     a_prev = torch.where(t > 0, table[(t - 1).clamp(min=0)], torch.ones_like(a_t))
-    a1 = table[1] if table.numel() > 1 else table[0]
-    posterior_log_var_t1 = dm.q_posterior_coefficients(a1, table[0])[2].clamp(min=1e-300).log()
+    # log beta_tilde is -inf at t = 0; like improved-diffusion's posterior_log_variance_clipped, use t = 1's value.
+    min_log, max_log = dm.posterior_log_variance_bounds(a_t, a_prev)
+    if table.numel() > 1:
+        min_log = torch.where(t > 0, min_log, dm.posterior_log_variance_bounds(table[1], table[0])[0])
 
     x0_f, x_t_f = x0.float(), x_t.float()
     pred_x0 = dm.predict_x0(mean_output.float(), x_t_f, a_t, prediction_type)
     model_mean = dm.q_posterior_mean(pred_x0, x_t_f, a_t, a_prev)
-    model_log_var = learned_range_log_variance(var_values, a_t, a_prev, posterior_log_var_t1)
+    model_log_var = dm.learned_range_log_variance(var_values.float(), dm.as_alpha(min_log, x_t_f),
+                                                  dm.as_alpha(max_log, x_t_f))
     true_mean = dm.q_posterior_mean(x0_f, x_t_f, a_t, a_prev)
-    _, _, true_var = dm.q_posterior_coefficients(a_t, a_prev)
-    true_log_var = torch.where(true_var > 0, true_var.clamp(min=1e-300).log(), posterior_log_var_t1)
+    true_log_var = dm.as_alpha(min_log, true_mean)
 
-    kl = dm.normal_kl(true_mean, dm.as_alpha(true_log_var, true_mean), model_mean, model_log_var)
+    kl = dm.normal_kl(true_mean, true_log_var, model_mean, model_log_var)
     kl = kl.flatten(1).mean(1) / math.log(2.0)
     decoder_nll = -dm.discretized_gaussian_log_likelihood(x0_f, model_mean, 0.5 * model_log_var)
     decoder_nll = decoder_nll.flatten(1).mean(1).float() / math.log(2.0)
