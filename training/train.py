@@ -238,7 +238,8 @@ def write_outputs(accelerator, model, ema, noise_scheduler, classes, args, model
         real = real_images_for_eval(dataset, data_args.resolution, 2048)
         metrics.update(evaluate_pipeline(sampler, real, num_samples=args.eval_num_samples,
                                          num_inference_steps=model_args.ddpm_num_inference_steps,
-                                         generator=torch.Generator().manual_seed(args.seed)))
+                                         generator=torch.Generator().manual_seed(args.seed),
+                                         likelihood_pipeline=pipeline))
         logger.info("Evaluation: %s", metrics)
     export(accelerator, model, pipeline, ema is not None, args.output_dir)
     grid = sample_grid(sampler, model_args.ddpm_num_inference_steps, args.eval_batch_size, args.seed)

@@ -318,6 +318,7 @@ def evaluate_pipeline(
     heldout_images: torch.Tensor | None = None,
     num_bpd_images: int = 64,
     inception_weights: str | None = None,
+    likelihood_pipeline=None,
 ) -> dict[str, Any]:
     """Sample from ``pipeline`` and measure FID (+ floor), digit class balance and confidence, and bits/dim.
 
@@ -335,6 +336,9 @@ def evaluate_pipeline(
         heldout_images: images for bits/dim (``None``: the first ``num_bpd_images`` of half A).
         num_bpd_images: images for bits/dim; 0 skips it.
         inception_weights: path of the Inception TorchScript file (else ``$DDPM_HF_INCEPTION_WEIGHTS``).
+        likelihood_pipeline: the pipeline whose ``log_likelihood`` gives bits/dim (default ``pipeline``). Pass
+            the DDPM-scheduler pipeline when ``pipeline`` samples with DDIM: a DDIM config has no
+            ``variance_type``, so a learned-variance model's bound needs the DDPM one.
 
     Returns:
         ``fid_<name>`` and ``fid_<name>_floor`` per feature extractor, ``class_histogram``, ``class_balance``,
@@ -365,7 +369,7 @@ def evaluate_pipeline(
     metrics["classifier_confidence_real"] = class_statistics(_batched(classifier, half_b, batch_size))["classifier_confidence"]
     if num_bpd_images:
         heldout = heldout_images if heldout_images is not None else half_a
-        bpd = bits_per_dim(pipeline, heldout[:num_bpd_images], batch_size, generator)
+        bpd = bits_per_dim(likelihood_pipeline or pipeline, heldout[:num_bpd_images], batch_size, generator)
         if bpd is not None:
             metrics["bits_per_dim"] = bpd
     return metrics
