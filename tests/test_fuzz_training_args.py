@@ -10,7 +10,6 @@ import os
 import sys
 import typing
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -39,9 +38,6 @@ def has_declared_type(value, hint) -> bool:
                or (o is str and isinstance(value, str)) for o in options)
 
 
-@pytest.mark.xfail(strict=True, reason="training/args.py:validate accepts wrongly typed values (e.g. use_ema='false', "
-                   "output_dir=5, lr_warmup_steps=2.5) and dataloader_num_workers=None fails with a bare TypeError; "
-                   "reported to the lead for the training helper")
 @FUZZ
 @given(index=st.integers(0, len(FIELDS) - 1), value=ANYTHING)
 @example(index=FIELDS.index((train_args.TrainingArguments, "use_ema")), value="false")

@@ -116,9 +116,6 @@ def test_resume_from_incomplete_folder_is_refused(training_runner, reference, tm
     assert "not a complete checkpoint" in line and str(out / "checkpoint-4") in line, line
 
 
-@pytest.mark.xfail(strict=True, reason="training resume passes accelerate's load errors through without the file "
-                   "(safetensors 'incomplete metadata', torch 'failed finding central directory'), and accelerate "
-                   "skips an unreadable random_states_0.pkl silently (resume then not exact); reported to the lead")
 @pytest.mark.parametrize("filename", ["model.safetensors", "optimizer.bin", "ema.safetensors", "random_states_0.pkl"])
 def test_resume_from_corrupt_checkpoint_file_names_the_file(training_runner, reference, tmp_path, filename):
     out = copy_run(reference[1], tmp_path)
@@ -129,8 +126,17 @@ def test_resume_from_corrupt_checkpoint_file_names_the_file(training_runner, ref
     assert str(path) in error_line(result.stderr), error_line(result.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="resuming with another model config fails inside the EMA/model load "
-                   "without naming the checkpoint; reported to the lead")
+def test_resume_without_random_states_is_refused_naming_the_file(training_runner, reference, tmp_path):
+    """accelerate skips a missing/unreadable RNG file with an info log; the resumed run would then not be exact."""
+    out = copy_run(reference[1], tmp_path)
+    path = out / "checkpoint-4" / "random_states_0.pkl"
+    os.remove(path)
+    result = training_runner.run(tiny_train_args(out, 6, "--resume_from_checkpoint", "checkpoint-4"))
+    assert result.returncode == 1
+    line = error_line(result.stderr)
+    assert str(path) in line and "missing" in line and "RNG" in line, line
+
+
 def test_resume_with_another_model_config_names_the_checkpoint(training_runner, reference, tmp_path):
     out = copy_run(reference[1], tmp_path)
     args = tiny_train_args(out, 6, "--resume_from_checkpoint", "checkpoint-4")

@@ -7,7 +7,10 @@ concept is the same. Defaults are ours: tuned for the built-in digits on a small
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from ddpm_hf.models.presets import UNET_PRESETS
@@ -109,7 +112,9 @@ class TrainingArguments:
 
 
 def validate(data: DataArguments, model: ModelArguments, train: TrainingArguments) -> None:
-    """Reject bad values with a ValueError naming the flag and what it accepts."""
+    """Reject bad values with a ValueError (TypeError for a wrong type) naming the flag and what it accepts."""
+    for group in (data, model, train):
+        _check_types(group)
     positive = {"--resolution": data.resolution, "--ddpm_num_steps": model.ddpm_num_steps,
                 "--ddpm_num_inference_steps": model.ddpm_num_inference_steps,
                 "--train_batch_size": train.train_batch_size, "--eval_batch_size": train.eval_batch_size,
@@ -138,6 +143,8 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
     if model.ddpm_num_inference_steps > model.ddpm_num_steps:
         raise ValueError(f"--ddpm_num_inference_steps ({model.ddpm_num_inference_steps}) must not exceed "
                          f"--ddpm_num_steps ({model.ddpm_num_steps})")
+    # accelerate's set_seed seeds numpy, whose seeds are 32-bit.
+    _check_range("--seed", train.seed, 0, 2**32 - 1)
     _check_range("--learning_rate", train.learning_rate, 0, None, low_open=True)
     _check_range("--lr_warmup_steps", train.lr_warmup_steps, 0, None)
     _check_range("--adam_beta1", train.adam_beta1, 0, 1, high_open=True)
@@ -151,6 +158,32 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
         _check_range("--max_grad_norm", train.max_grad_norm, 0, None, low_open=True)
     if train.snr_gamma is not None:
         _check_range("--snr_gamma", train.snr_gamma, 0, None)
+
+
+def _type_options(hint: object) -> tuple[type, ...]:
+    """``int | None`` -> (int, NoneType); ``float`` -> (float,)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _fits(value: object, option: type) -> bool:
+    # bool is an int subclass but never a count; an int is a fine float. HfArgumentParser converts flags, but
+    # a JSON config reaches the dataclasses as parsed: {"use_ema": "false"} must not mean True.
+    if option is bool or isinstance(value, bool):
+        return option is bool and isinstance(value, bool)
+    if option is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, option)
+
+
+def _check_types(arguments: object) -> None:
+    hints = typing.get_type_hints(type(arguments))
+    for f in dataclasses.fields(arguments):
+        value, options = getattr(arguments, f.name), _type_options(hints[f.name])
+        if not any(_fits(value, option) for option in options):
+            names = " or ".join("None" if o is type(None) else o.__name__ for o in options)
+            raise TypeError(f"--{f.name} must be {names}, got {value!r} ({type(value).__name__})")
 
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:

@@ -493,5 +493,7 @@ def stop_on_nonfinite(accelerator, args, progress: TrainProgress, generator, sna
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, ValueError) as err:  # bad input or a diverged run: the message says it all
+    except NonFiniteLossError as err:  # a diverged run: the message names the step, the causes and the checkpoint
         sys.exit(f"error: {err}")
+    except (ValueError, TypeError) as err:  # bad input: the message names the flag, file or folder
+        sys.exit(f"{type(err).__name__}: {err}")

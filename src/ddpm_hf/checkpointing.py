@@ -9,6 +9,9 @@ successful save and never removes the checkpoint just written.
 Our files in each checkpoint (besides accelerate's ``model.safetensors``, ``optimizer.bin``,
 ``random_states_<rank>.pkl``): ``training_state.json`` (step, epoch, position in the epoch, LR scheduler state,
 EMA counters), ``ema.safetensors`` (EMA weights) and ``generator_<rank>.safetensors`` (the noise/timestep RNG).
+
+Resuming checks every file first (``check_checkpoint_files``): a missing, truncated or corrupt file, or weights of
+another model config, stop the run with a ValueError naming the file before any state is restored.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
+from accelerate.utils import load as accelerate_load
+from accelerate.utils.constants import RNG_STATE_NAME, SAFE_MODEL_NAME
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -169,7 +176,8 @@ class StateHooks:
 
     def register(self, accelerator: Any) -> None:
         accelerator.register_save_state_pre_hook(lambda models, weights, path: self.save(path))
-        accelerator.register_load_state_pre_hook(lambda models, path: self.load(path))
+        accelerator.register_load_state_pre_hook(
+            lambda models, path: self.load(path, [accelerator.unwrap_model(m) for m in models]))
 
     def _generator_file(self, path: str) -> str:
         return os.path.join(path, f"generator_{self.process_index}.safetensors")
@@ -187,22 +195,107 @@ class StateHooks:
         with open(os.path.join(path, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
-    def load(self, path: str) -> None:
+    def load(self, path: str, models: Sequence[torch.nn.Module] = ()) -> None:
+        """Restore our state from checkpoint ``path``, first checking the files accelerate reads after this hook.
+
+        Args:
+            path: the checkpoint folder.
+            models: the (unwrapped) models accelerate will load, to check the saved weights' shapes against.
+
+        Raises:
+            ValueError: a file is missing, unreadable (truncated, corrupt) or holds weights of another model
+                config; the message names the file. Nothing has been restored then.
+        """
+        check_checkpoint_files(path, self.process_index, models)
         state_file = os.path.join(path, STATE_FILE)
-        try:
-            with open(state_file) as f:
-                state = json.load(f)
-            generator_state = load_file(self._generator_file(path))["state"]
-        except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"checkpoint {path} is unreadable or from another program: {err}") from err
+        state = _read(state_file, _load_json)
+        generator_state = _read(self._generator_file(path), load_file).get("state")
+        if not (isinstance(state, dict) and isinstance(state.get("progress"), dict) and "lr_scheduler" in state
+                and generator_state is not None):
+            raise ValueError(f"checkpoint {path} is from another program: {state_file} or "
+                             f"{self._generator_file(path)} lacks the training state")
         for key, value in state["progress"].items():
             setattr(self.progress, key, value)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(generator_state)
         if self.ema is not None:
-            if "ema" not in state:
-                raise ValueError(f"checkpoint {path} has no EMA weights but --use_ema is set")
-            self.ema.load_state_dict({"tensors": load_file(os.path.join(path, EMA_FILE)), "meta": state["ema"]})
+            self._load_ema(path, state)
+
+    def _load_ema(self, path: str, state: dict) -> None:
+        if "ema" not in state:
+            raise ValueError(f"checkpoint {path} has no EMA weights but --use_ema is set")
+        ema_file = os.path.join(path, EMA_FILE)
+        try:
+            self.ema.load_state_dict({"tensors": _read(ema_file, load_file), "meta": state["ema"]})
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"checkpoint file {ema_file} does not fit this model (another model config?): "
+                             f"{err}") from err
+
+
+def _load_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _open_safetensors(path: str) -> dict[str, tuple[int, ...]]:
+    """Parse the header only (it checks that the file is complete): tensor names and shapes."""
+    with safe_open(path, framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _open_zip(path: str) -> None:
+    # torch.save writes a zip whose directory is at the end: a truncated file cannot be opened.
+    with zipfile.ZipFile(path):
+        pass
+
+
+def _read(path: str, reader: Callable[[str], Any], note: str = "") -> Any:
+    """``reader(path)``, with any failure re-raised as a ValueError naming the file (and ``note``)."""
+    try:
+        return reader(path)
+    except Exception as err:  # safetensors, zipfile, pickle and json each raise their own error types
+        reason = "missing" if isinstance(err, FileNotFoundError) else "unreadable (truncated or corrupt?)"
+        raise ValueError(f"checkpoint file {path} is {reason}{note}: {type(err).__name__}: {err}") from err
+
+
+def check_checkpoint_files(path: str, process_index: int, models: Sequence[torch.nn.Module] = ()) -> None:
+    """Check that resuming from ``path`` can read every file, before anything is restored.
+
+    accelerate names no file when one is truncated, and skips an unreadable ``random_states_<rank>.pkl``
+    with an info log, which silently loses exact resume (the data order and dropout RNGs live there).
+
+    Args:
+        path: the checkpoint folder.
+        process_index: this process's rank (whose RNG file must load).
+        models: the models accelerate will load, in order; their weights must have the saved shapes.
+
+    Raises:
+        ValueError: naming the first missing, unreadable or mismatched file.
+    """
+    shapes = {}
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.endswith(".safetensors"):
+            shapes[name] = _read(file, _open_safetensors)
+        elif name.endswith(".bin"):
+            _read(file, _open_zip)
+    _read(os.path.join(path, f"{RNG_STATE_NAME}_{process_index}.pkl"), accelerate_load,
+          " (without its RNG states the resumed run would not repeat the uninterrupted one)")
+    for i, model in enumerate(models):
+        name = f"{SAFE_MODEL_NAME}.safetensors" if i == 0 else f"{SAFE_MODEL_NAME}_{i}.safetensors"
+        if name in shapes:
+            _check_shapes(os.path.join(path, name), shapes[name], model)
+
+
+def _check_shapes(file: str, saved: dict[str, tuple[int, ...]], model: torch.nn.Module) -> None:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    differ = [name for name in saved if name in expected and saved[name] != expected[name]]
+    missing, unexpected = expected.keys() - saved.keys(), saved.keys() - expected.keys()
+    if not (differ or missing or unexpected):
+        return
+    first = f"; first: {differ[0]} has shape {saved[differ[0]]} there, {expected[differ[0]]} here" if differ else ""
+    raise ValueError(f"checkpoint file {file} holds weights of another model config: {len(differ)} tensor(s) "
+                     f"differ in shape, {len(missing)} missing, {len(unexpected)} unexpected{first}")
 
 
 def _jsonable(obj: Any) -> Any:

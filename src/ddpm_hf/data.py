@@ -220,10 +220,11 @@ class HFImageDataset(EpochDataset):
         transform: the `ImageTransform` to apply.
         num_channels: 1 or 3, or None to use 1 when every image is grey and 3 otherwise.
         seed: base seed of the random crops and flips.
+        source: where the images come from (a flag and its value), for error messages.
     """
 
     def __init__(self, dataset: Any, image_column: str, transform: ImageTransform,
-                 num_channels: int | None = None, seed: int = 0):
+                 num_channels: int | None = None, seed: int = 0, source: str = "the dataset"):
         super().__init__(seed)
         if image_column not in dataset.column_names:
             raise ValueError(
@@ -237,18 +238,22 @@ class HFImageDataset(EpochDataset):
         self.transform = transform
         self.valid: list[int] = []
         any_colour = False
+        first_error = None
         for i, record in enumerate(self.records):
             try:
                 any_colour |= not is_gray(_open_image(record))
             except Exception as err:  # any decoder failure means "unreadable": PIL raises many types
                 logger.debug("skipping unreadable image %d: %s", i, err)
+                if first_error is None:
+                    first_error = err
                 continue
             self.valid.append(i)
         self.num_skipped = len(self.records) - len(self.valid)
         if self.num_skipped:
-            logger.warning("Skipped %d unreadable image(s) of %d", self.num_skipped, len(self.records))
+            logger.warning("Skipped %d unreadable image(s) of %d in %s", self.num_skipped, len(self.records), source)
         if not self.valid:
-            raise ValueError(f"none of the {len(self.records)} images in column {image_column!r} could be read")
+            raise ValueError(f"none of the {len(self.records)} images in {source} (column {image_column!r}) could "
+                             f"be read; the first error: {type(first_error).__name__}: {first_error}")
         self.num_channels = num_channels if num_channels is not None else (3 if any_colour else 1)
 
     def __len__(self) -> int:
@@ -262,6 +267,13 @@ class HFImageDataset(EpochDataset):
         return self.transform(image, generator)
 
 
+def _source(dataset_name: str | None, train_data_dir: str | None) -> str:
+    """The flag and value the images come from, as error messages name it."""
+    if train_data_dir is not None:
+        return f"--train_data_dir {train_data_dir!r}"
+    return f"--dataset_name {dataset_name!r}"
+
+
 def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, dataset_config_name: str | None = None,
                     cache_dir: str | None = None) -> Any:
     """Load the ``train`` split through `datasets.load_dataset` (a name or local path, or an imagefolder).
@@ -271,15 +283,14 @@ def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, datase
     """
     import datasets
 
+    source = _source(dataset_name, train_data_dir)
     if train_data_dir is not None:
         import os
 
         if not os.path.isdir(train_data_dir):
-            raise ValueError(f"--train_data_dir {train_data_dir!r} is not a directory")
-        source = f"--train_data_dir {train_data_dir!r}"
+            raise ValueError(f"{source} is not a directory")
         path, name, data_dir = "imagefolder", None, train_data_dir
     else:
-        source = f"--dataset_name {dataset_name!r}"
         path, name, data_dir = dataset_name, dataset_config_name, None
     try:
         dataset = datasets.load_dataset(path, name, data_dir=data_dir, cache_dir=cache_dir, split="train")
@@ -310,7 +321,8 @@ def build_train_dataset(dataset_name: str | None, train_data_dir: str | None, re
         raise ValueError("give --dataset_name or --train_data_dir, not both")
     hf_dataset = load_hf_dataset(dataset_name, train_data_dir, dataset_config_name, cache_dir)
     transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
-    return HFImageDataset(hf_dataset, image_column, transform, num_channels=num_channels, seed=seed)
+    return HFImageDataset(hf_dataset, image_column, transform, num_channels=num_channels, seed=seed,
+                          source=_source(dataset_name, train_data_dir))
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

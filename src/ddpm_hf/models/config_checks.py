@@ -1,9 +1,10 @@
 """Validation of ``UNet2DModel`` config values: every bad value fails at construction, naming its key.
 
 diffusers builds whatever it is given and fails later (a ``ZeroDivisionError`` for ``attn_norm_num_groups=0``, a
-torch ``TypeError`` at the first forward for ``norm_eps=None``) or with a message that does not name the key. Here a wrongly typed value raises ``ConfigTypeError`` (a ``TypeError``) and a value of the right type that
-this class cannot build exactly raises ``ConfigValueError`` (a ``ValueError``); both name the key and what is
-allowed, and carry the key in ``.key`` so that ``from_pretrained`` can add the config file to the message.
+torch ``TypeError`` at the first forward for ``norm_eps=None``) or with a message that does not name the key.
+Here a wrongly typed value raises ``ConfigTypeError`` (a ``TypeError``) and a value of the right type that this
+class cannot build exactly raises ``ConfigValueError`` (a ``ValueError``); both name the key and what is allowed,
+and carry the key in ``.key`` so that ``from_pretrained`` can add the config file to the message.
 """
 
 from __future__ import annotations
