@@ -21,6 +21,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import hub_server` under xdist too
 
+from fault_injection import FastSleep  # noqa: E402  (needs the path above)
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -50,19 +52,6 @@ def hub_server():
     server = HubServer(port=_PORT).start()
     yield server
     server.stop()
-
-
-class _FastSleep:
-    """Stands in for the ``time`` module inside huggingface_hub's HTTP backoff: same calls, 1/100 of the sleep."""
-
-    def __init__(self, real_time):
-        self._time = real_time
-
-    def sleep(self, seconds: float) -> None:
-        self._time.sleep(seconds / 100)
-
-    def __getattr__(self, name):
-        return getattr(self._time, name)
 
 
 @pytest.fixture
@@ -103,7 +92,7 @@ def hub(hub_server, hf_home, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hf_api.api, "endpoint", hub_server.url)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(_http, "time", _FastSleep(_http.time))
+    monkeypatch.setattr(_http, "time", FastSleep(_http.time))
     yield hub_server
     huggingface_hub.set_client_factory(_http.default_client_factory)
     huggingface_hub.close_session()

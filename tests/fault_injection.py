@@ -211,8 +211,8 @@ def apply_faults(faults: list[Fault], kwdefaults: dict[str, dict]) -> None:
         getattr(owner, attr).__kwdefaults__.update(defaults)
 
 
-class _FastSleep:
-    """huggingface_hub's per-request HTTP backoff (1, 2, 4, 8 s) at 1/100 of the wait, as in tests/conftest.py."""
+class FastSleep:
+    """Stands in for the ``time`` module inside huggingface_hub's HTTP backoff (1, 2, 4, 8 s): 1/100 of each sleep."""
 
     def __init__(self, real_time):
         self._time = real_time
@@ -236,7 +236,7 @@ def _preload() -> None:
     for name in ddpm_hf.__all__:
         getattr(ddpm_hf, name)
     importlib.import_module("ddpm_hf.hub")
-    _http.time = _FastSleep(_http.time)
+    _http.time = FastSleep(_http.time)
 
 
 def _run_child(request: dict) -> int:
