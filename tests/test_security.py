@@ -135,18 +135,25 @@ class _Payload:
 
 
 @pytest.mark.parametrize("filename", ["optimizer.bin", "random_states_0.pkl"])
-def test_malicious_pickle_in_a_checkpoint_is_not_executed(training_runner, trained, tmp_path, filename):
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_malicious_pickle_in_a_checkpoint_is_not_executed(training_runner, trained, tmp_path, filename, writer):
     marker = tmp_path / "payload-ran"
     path = trained / "checkpoint-2" / filename
     original = path.read_bytes()
     try:
-        path.write_bytes(pickle.dumps(_Payload(marker)))
+        if writer == "pickle":
+            path.write_bytes(pickle.dumps(_Payload(marker)))
+        else:  # torch's own zip format passes the pre-check and reaches torch.load(weights_only=True)
+            torch.save(_Payload(marker), path)
         result = training_runner.run(tiny_train_args(trained, 6, "--resume_from_checkpoint", "checkpoint-2"))
     finally:
         path.write_bytes(original)
     assert not marker.exists()
-    if filename == "optimizer.bin":  # (accelerate skips unreadable RNG states silently: see the resume tests)
-        assert result.returncode == 1 and "Weights only load failed" in result.stderr
+    assert result.returncode == 1
+    if writer == "pickle":  # refused before any unpickling, naming the file
+        assert f"{filename} is unreadable" in result.stderr
+    else:
+        assert "Weights only load failed" in result.stderr
 
 
 def test_malicious_bin_weights_are_not_executed(tmp_path):
