@@ -277,6 +277,25 @@ class _CheckpointedBlock(nn.Module):
         return resnet(x, temb_act)
 
 
+def _attentions(channels: int, head_dim: int | None, num_layers: int, resnet_kwargs: dict) -> nn.ModuleList | None:
+    """One self-attention per ResNet block of a stage (diffusers' ``attentions``), or None without attention."""
+    if head_dim is None:
+        return None
+    return nn.ModuleList(
+        SelfAttention(channels, head_dim, resnet_kwargs["groups"], resnet_kwargs["eps"]) for _ in range(num_layers)
+    )
+
+
+def _resampler(kind: str | None, channels: int, direction: str, resnet_kwargs: dict,
+               conv: Callable[[], nn.Module]) -> nn.ModuleList | None:
+    """A stage's ``downsamplers``/``upsamplers``: the conv resampler, a resampling ResNet block, or None."""
+    if kind == "conv":
+        return nn.ModuleList([conv()])
+    if kind == "resnet":
+        return nn.ModuleList([ResnetBlock(channels, channels, resample=direction, **resnet_kwargs)])
+    return None
+
+
 class DownBlock(_CheckpointedBlock):
     """One encoder stage: ``num_layers`` ResNet blocks (each optionally followed by attention) and a downsampler.
 
@@ -297,19 +316,9 @@ class DownBlock(_CheckpointedBlock):
         self.resnets = nn.ModuleList(
             ResnetBlock(in_channels if i == 0 else out_channels, out_channels, **resnet_kwargs) for i in range(num_layers)
         )
-        if head_dim is not None:
-            self.attentions = nn.ModuleList(
-                SelfAttention(out_channels, head_dim, resnet_kwargs["groups"], resnet_kwargs["eps"])
-                for _ in range(num_layers)
-            )
-        else:
-            self.attentions = None
-        if downsample == "conv":
-            self.downsamplers = nn.ModuleList([Downsample(out_channels, downsample_padding)])
-        elif downsample == "resnet":
-            self.downsamplers = nn.ModuleList([ResnetBlock(out_channels, out_channels, resample="down", **resnet_kwargs)])
-        else:
-            self.downsamplers = None
+        self.attentions = _attentions(out_channels, head_dim, num_layers, resnet_kwargs)
+        self.downsamplers = _resampler(downsample, out_channels, "down", resnet_kwargs,
+                                       lambda: Downsample(out_channels, downsample_padding))
 
     def forward(self, h: torch.Tensor, temb_act: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """Run the stage on ``h``, appending every intermediate output to ``skips``; returns the last one."""
@@ -349,19 +358,8 @@ class UpBlock(_CheckpointedBlock):
             resnet_in = prev_output_channel if i == 0 else out_channels
             resnets.append(ResnetBlock(resnet_in + skip_channels, out_channels, **resnet_kwargs))
         self.resnets = nn.ModuleList(resnets)
-        if head_dim is not None:
-            self.attentions = nn.ModuleList(
-                SelfAttention(out_channels, head_dim, resnet_kwargs["groups"], resnet_kwargs["eps"])
-                for _ in range(num_layers)
-            )
-        else:
-            self.attentions = None
-        if upsample == "conv":
-            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
-        elif upsample == "resnet":
-            self.upsamplers = nn.ModuleList([ResnetBlock(out_channels, out_channels, resample="up", **resnet_kwargs)])
-        else:
-            self.upsamplers = None
+        self.attentions = _attentions(out_channels, head_dim, num_layers, resnet_kwargs)
+        self.upsamplers = _resampler(upsample, out_channels, "up", resnet_kwargs, lambda: Upsample(out_channels))
 
     def forward(self, h: torch.Tensor, temb_act: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """Run the stage, popping one skip connection from ``skips`` per ResNet block."""
