@@ -1,7 +1,7 @@
 """Shared test fixtures: a local Hub server per test process, a fresh HF_HOME per test.
 
-``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HOME`` and friends once, at import (facts.md). This module is
-imported by pytest before any test module, so it picks the server's port and points the environment at it
+``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HOME`` and friends once, at import (docs/hub_protocol.md). This
+module is imported by pytest before any test module, so it picks the server's port and points the environment at it
 here, before anything imports ``huggingface_hub``. The ``hub`` fixture also patches the already-read constants,
 so it works even if a plugin imported the library first. No test can reach the real Hub: the endpoint is
 always the local server, and HF_HOME is a throw-away directory.

@@ -3,8 +3,8 @@
 It speaks enough of the Hub's HTTP protocol for the real ``huggingface_hub`` client (and so diffusers'
 ``from_pretrained``) to create repos, upload folders (inline base64 files, or the LFS batch API + PUT when
 the client runs with ``HF_HUB_DISABLE_XET=1``), list trees, read repo info and download files. Protocol facts
-come from ``huggingface_hub`` 2.4's client code (``_commit_api.py``, ``lfs.py``, ``file_download.py``) and
-``/work/shared/reference/facts.md``.
+come from ``huggingface_hub`` 2.4's client code (``_commit_api.py``, ``lfs.py``, ``file_download.py``); what it
+implements and why is in docs/hub_protocol.md.
 
 Faults:
     ``fail_next(n, status=500)``: the next ``n`` matching requests get ``status`` with a JSON error body.
