@@ -10,9 +10,9 @@ and carry the key in ``.key`` so that ``from_pretrained`` can add the config fil
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from typing import Any, Iterable
 
+from ..validation import is_finite_real, is_int, is_real
 from .blocks import ACTIVATIONS
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -47,14 +47,6 @@ def strip_legacy_prefix(block_type: Any) -> Any:
     return block_type
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _choice(cfg: dict, key: str, allowed: tuple) -> None:
     if cfg[key] not in allowed:
         raise ConfigValueError(key, f"{key}={cfg[key]!r} is not supported by ddpm_hf.UNet2DModel; "
@@ -71,7 +63,7 @@ def _int(cfg: dict, key: str, minimum: int, optional: bool = False) -> None:
     if optional and value is None:
         return
     allowed = f"an int >= {minimum}" + (" or None" if optional else "")
-    if not _is_int(value):
+    if not is_int(value):
         raise ConfigTypeError(key, f"{key}={value!r} must be {allowed}")
     if value < minimum:
         raise ConfigValueError(key, f"{key}={value!r} must be {allowed}")
@@ -82,9 +74,9 @@ def _number(cfg: dict, key: str, low: float = -math.inf, high: float = math.inf,
     bounds = [f">{'=' if low_inclusive else ''} {low}"] if low > -math.inf else []
     bounds += [f"< {high}"] if high < math.inf else []
     allowed = " and ".join(["a finite number"] + bounds)
-    if not isinstance(value, Real) or isinstance(value, bool):
+    if not is_real(value):
         raise ConfigTypeError(key, f"{key}={value!r} must be {allowed}")
-    if not (_is_number(value) and (value >= low if low_inclusive else value > low) and value < high):
+    if not (is_finite_real(value) and (value >= low if low_inclusive else value > low) and value < high):
         raise ConfigValueError(key, f"{key}={value!r} must be {allowed}")
 
 
@@ -102,7 +94,7 @@ def _block_types(cfg: dict, key: str, allowed: tuple) -> list:
 
 def _channels(cfg: dict, stages: int) -> list[int]:
     value = cfg["block_out_channels"]
-    if not isinstance(value, (list, tuple)) or not all(_is_int(c) for c in value):
+    if not isinstance(value, (list, tuple)) or not all(is_int(c) for c in value):
         raise ConfigTypeError("block_out_channels", f"block_out_channels={value!r} must be a list of positive ints")
     if any(c < 1 for c in value):
         raise ConfigValueError("block_out_channels", f"block_out_channels={list(value)} must be positive ints")
@@ -114,8 +106,8 @@ def _channels(cfg: dict, stages: int) -> list[int]:
 
 def _sample_size(cfg: dict) -> None:
     value = cfg["sample_size"]
-    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)
-    if value is None or _is_int(value) or pair:
+    pair = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_int(v) for v in value)
+    if value is None or is_int(value) or pair:
         sizes = [] if value is None else (list(value) if pair else [value])
         if all(s >= 1 for s in sizes):
             return
@@ -192,7 +184,7 @@ def _check_relations(cfg: dict) -> None:
                                              f"block_out_channels[0] // 2 = {half}")
     head_dim = cfg["attention_head_dim"]
     widest = min(_attended_channels(cfg, channels, down, up), default=None)
-    if head_dim is not None and not _is_int(head_dim):
+    if head_dim is not None and not is_int(head_dim):
         raise ConfigTypeError("attention_head_dim", f"attention_head_dim={head_dim!r} must be None or an int")
     if head_dim is not None and (head_dim < 1 or (widest is not None and head_dim > widest)):
         raise ConfigValueError("attention_head_dim", f"attention_head_dim={head_dim!r} must be None or an int in "

@@ -9,7 +9,6 @@ finds its table index without reading the timestep's value from the device when 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,37 +18,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 
 from .. import diffusion_math as dm
 from ..timestep_spacing import TIMESTEP_SPACINGS, check_custom_timesteps, make_timesteps
-
-
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    """Raise ValueError unless ``value`` is one of ``allowed``."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    """Raise TypeError unless ``value`` is a bool."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """Raise TypeError for a non-int and ValueError for an int below ``minimum``."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-
-
-def check_real(name: str, value: Any, low: float, high: float, low_open: bool = True, high_open: bool = False) -> None:
-    """Raise TypeError for a non-number and ValueError unless ``value`` is finite and inside the interval."""
-    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a float in {interval}, got {value!r}")
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (math.isfinite(value) and above and below):
-        raise ValueError(f"{name} must be a finite float in {interval}, got {value!r}")
+from ..validation import check_bool, check_choice, check_int, check_real, is_bool, is_int
 
 
 def check_step_inputs(model_output: Any, sample: Any, generator: Any, variance_noise: Any = None) -> None:
@@ -220,8 +189,8 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
             ):
                 return timestep.storage_offset() - table.storage_offset()
         value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
-        if isinstance(value, (bool, np.bool_)) or not (
-            isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+        if is_bool(value) or not (
+            is_int(value) or (isinstance(value, float) and value.is_integer())
         ):
             raise TypeError(f"timestep must be an int (an entry of scheduler.timesteps), got {timestep!r}")
         index = self._index_of.get(int(value))

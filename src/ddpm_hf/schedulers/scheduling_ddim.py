@@ -13,7 +13,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import diffusion_math as dm
-from .scheduling_common import TableScheduler, check_bool, check_step_inputs
+from ..validation import check_bool
+from .scheduling_common import TableScheduler, check_step_inputs
 
 __all__ = ["DDIMScheduler", "DDIMSchedulerOutput"]
 

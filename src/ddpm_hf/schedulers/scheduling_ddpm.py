@@ -11,7 +11,8 @@ from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import diffusion_math as dm
-from .scheduling_common import TableScheduler, check_choice, check_step_inputs
+from ..validation import check_choice
+from .scheduling_common import TableScheduler, check_step_inputs
 
 __all__ = ["DDPMScheduler", "DDPMSchedulerOutput"]
 
