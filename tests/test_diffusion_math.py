@@ -42,6 +42,78 @@ def test_trained_betas_and_name_checks():
         dm.make_betas(10, 0.5, 0.1)
 
 
+def _closed_form_alphas_cumprod(schedule, T, start=1e-4, end=0.02):
+    """bar(alpha)_t from the papers' definitions in float64, independent of make_betas / torch.cumprod.
+
+    linear (DDPM sec. 4): beta_i = start + i (end - start) / (T - 1), bar(alpha)_t = exp(sum_{i<=t} log1p(-beta_i));
+    cosine (improved DDPM eq. 17): bar(alpha)_t = f(t + 1) / f(0) wherever the 0.999 cap on beta is inactive.
+    """
+    if schedule == "linear":
+        logs = [math.log1p(-(start + i * (end - start) / (T - 1))) for i in range(T)]
+        return torch.tensor([math.exp(math.fsum(logs[: t + 1])) for t in range(T)], dtype=torch.float64)
+    f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
+    return torch.tensor([f[t + 1] / f[0] for t in range(T)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("T", [1000, 50])
+@pytest.mark.parametrize("schedule", dm.BETA_SCHEDULES)
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_noise_schedule_matches_diffusers_tables(T, schedule, zero_snr):
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=schedule, rescale_betas_zero_snr=zero_snr)
+    ours = dm.NoiseSchedule.from_config(theirs.config)
+    assert ours.betas.dtype == ours.alphas_cumprod.dtype == torch.float64
+    assert ours.betas.shape == ours.alphas_cumprod.shape == (T,) and ours.num_train_timesteps == T
+    # diffusers builds in float32: betas agree to float32 rounding; its float32 cumprod drifts by ~1e-7 absolute.
+    if not zero_snr:
+        torch.testing.assert_close(ours.betas, theirs.betas.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.alphas_cumprod, theirs.alphas_cumprod.double(), rtol=2e-5, atol=1e-6)
+    # diffusers' own rescale (Lin et al. 2024, Algorithm 1) run on our float64 betas: equal to float64 rounding.
+    plain = dm.NoiseSchedule.from_config({**theirs.config, "rescale_betas_zero_snr": False})
+    if zero_snr:
+        torch.testing.assert_close(ours.betas, diffusers_rescale(plain.betas.clone()), rtol=1e-12, atol=1e-15)
+        assert ours.alphas_cumprod[-1] == 0
+    if schedule in ("linear", "squaredcos_cap_v2"):
+        closed = _closed_form_alphas_cumprod(schedule, T)
+        uncapped = plain.betas < 0.999
+        torch.testing.assert_close(plain.alphas_cumprod[uncapped], closed[uncapped], rtol=1e-12, atol=0)
+
+
+def test_noise_schedule_trained_betas_zero_snr_and_defaults():
+    betas = [0.01, 0.05, 0.2, 0.5]
+    plain = dm.NoiseSchedule.from_config({"num_train_timesteps": 4, "trained_betas": betas, "beta_schedule": "sigmoid"})
+    assert plain.betas.tolist() == betas  # trained_betas override beta_schedule, exactly
+    expect = [math.prod(1 - b for b in betas[: t + 1]) for t in range(4)]
+    torch.testing.assert_close(plain.alphas_cumprod, torch.tensor(expect, dtype=torch.float64), rtol=1e-15, atol=0)
+    rescaled = dm.NoiseSchedule.from_config({"num_train_timesteps": 4, "trained_betas": betas,
+                                             "rescale_betas_zero_snr": True})
+    # Lin et al. 2024, Algorithm 1 by hand: sqrt(bar(alpha)) shifted to end at 0 and scaled to keep its first value.
+    root = [math.sqrt(a) for a in expect]
+    shifted = [(r - root[-1]) * root[0] / (root[0] - root[-1]) for r in root]
+    torch.testing.assert_close(rescaled.alphas_cumprod, torch.tensor([r * r for r in shifted], dtype=torch.float64),
+                               rtol=1e-12, atol=1e-300)
+    # Missing keys take diffusers' defaults; extra keys (a DDIM config) are ignored.
+    default = dm.NoiseSchedule.from_config(diffusers.DDIMScheduler().config)
+    assert torch.equal(default.betas, dm.NoiseSchedule.from_config({}).betas)
+    torch.testing.assert_close(default.betas, diffusers.DDPMScheduler().betas.double(), rtol=1e-6, atol=0)
+    # bar(alpha)_{t-1} with bar(alpha)_{-1} = 1, and the clipped log posterior variance (DDPM eq. 7 at t = 1).
+    t = torch.tensor([0, 1, 3])
+    assert plain.alpha_prod_prev(t).tolist() == [1.0, expect[0], expect[2]]
+    min_log, max_log = plain.log_variance_bounds(t)
+    tilde = [(1 - expect[0]) / (1 - expect[1]) * betas[1], (1 - expect[2]) / (1 - expect[3]) * betas[3]]
+    torch.testing.assert_close(min_log, torch.tensor([tilde[0], tilde[0], tilde[1]], dtype=torch.float64).log())
+    torch.testing.assert_close(max_log, torch.tensor([betas[0], betas[1], betas[3]], dtype=torch.float64).log())
+
+
+@pytest.mark.parametrize("key, value", [("num_train_timesteps", 0), ("beta_schedule", "cosine"),
+                                        ("beta_start", 1.5), ("trained_betas", [0.1, 0.2]),
+                                        ("rescale_betas_zero_snr", "yes")])
+def test_noise_schedule_names_the_bad_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        dm.NoiseSchedule.from_config({"num_train_timesteps": 3, key: value})
+    with pytest.raises(ValueError, match="num_train_timesteps >= 2"):
+        dm.NoiseSchedule.from_config({"num_train_timesteps": 1}).log_variance_bounds(0)
+
+
 @settings(max_examples=50, deadline=None)
 @given(a=alphas, prediction_type=st.sampled_from(dm.PREDICTION_TYPES))
 def test_prediction_conversions_invert_the_forward_process(a, prediction_type):

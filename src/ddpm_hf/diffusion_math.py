@@ -12,7 +12,8 @@ Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -95,6 +96,83 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
     """bar(alpha)_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4), in float64."""
     return torch.cumprod(1.0 - betas.double(), dim=0)
+
+
+# diffusers' scheduler-config defaults for the keys that define the noise schedule (DDPMScheduler/DDIMScheduler).
+SCHEDULE_CONFIG_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+}
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The float64 training-chain schedule: beta_t and bar(alpha)_t = prod_{s<=t} (1 - beta_s) (DDPM eq. 4).
+
+    The one way ddpm_hf builds a schedule (schedulers, likelihood, losses, training step). Besides the tables it
+    offers the per-t quantities the variational bound needs: ``alpha_prod_prev`` (bar(alpha)_{t-1}, 1 at t = 0)
+    and ``log_variance_bounds`` (the clipped log beta_tilde and log beta of DDPM sec. 3.2).
+
+    Args:
+        betas: ``(T,)`` float64 beta_t.
+        alphas_cumprod: ``(T,)`` float64 bar(alpha)_t.
+    """
+
+    betas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Build from a diffusers scheduler config (extra keys are ignored, missing ones take diffusers' defaults).
+
+        Args:
+            config: a mapping with any of ``SCHEDULE_CONFIG_DEFAULTS``' keys (e.g. ``scheduler.config``).
+
+        Returns:
+            The schedule; ``rescale_betas_zero_snr`` applies Lin et al. 2024's rescale after ``trained_betas`` or
+            the named ``beta_schedule``.
+
+        Raises:
+            ValueError: naming the key whose value is invalid.
+        """
+        cfg = {key: config.get(key, default) for key, default in SCHEDULE_CONFIG_DEFAULTS.items()}
+        rescale = cfg["rescale_betas_zero_snr"]
+        if not isinstance(rescale, bool):
+            raise ValueError(f"rescale_betas_zero_snr must be True or False, got {rescale!r}")
+        betas = make_betas(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"],
+                           cfg["trained_betas"])
+        if rescale:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas=betas, alphas_cumprod=alphas_cumprod_from_betas(betas))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the length of the tables."""
+        return self.betas.numel()
+
+    def alpha_prod_prev(self, t: torch.Tensor | int) -> torch.Tensor:
+        """bar(alpha)_{t-1} per entry of ``t``, with bar(alpha)_{-1} = 1 (float64, ``t``'s shape)."""
+        t = torch.as_tensor(t).long()
+        prev = self.alphas_cumprod[(t - 1).clamp(min=0)]
+        return torch.where(t > 0, prev, torch.ones_like(prev))
+
+    def log_variance_bounds(self, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(min_log, max_log)``: log beta_tilde_t clipped at t = 0, and log beta_t (float64, ``t``'s shape).
+
+        beta_tilde_0 = 0, so t = 0 takes t = 1's value, as improved-diffusion's ``posterior_log_variance_clipped``
+        (Nichol & Dhariwal 2021, sec. 2.1); this is the t = 0 decoder variance of "fixed_small" and the lower end
+        of "learned_range" (their eq. 15). Needs T >= 2.
+        """
+        if self.num_train_timesteps < 2:
+            raise ValueError("the clipped posterior log-variance needs num_train_timesteps >= 2")
+        t = torch.as_tensor(t).long()
+        min_log, max_log = posterior_log_variance_bounds(self.alphas_cumprod[t], self.alpha_prod_prev(t))
+        at_one = posterior_log_variance_bounds(self.alphas_cumprod[1], self.alphas_cumprod[0])[0]
+        return torch.where(t > 0, min_log, at_one), max_log
 
 
 def gather(table: torch.Tensor, timesteps: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:

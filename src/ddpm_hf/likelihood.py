@@ -22,19 +22,17 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion_math import (
-    alphas_cumprod_from_betas,
-    discretized_gaussian_log_likelihood,
     VARIANCE_TYPES,
+    NoiseSchedule,
+    discretized_gaussian_log_likelihood,
     fixed_log_variance,
     learned_range_log_variance,
-    make_betas,
     normal_kl,
     posterior_log_variance_bounds,
     predict_x0,
     q_posterior_coefficients,
     q_posterior_mean,
     q_sample,
-    rescale_zero_terminal_snr,
 )
 
 ModelFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -55,20 +53,6 @@ class LikelihoodOutput(BaseOutput):
     log_likelihood: torch.Tensor
     prior_bpd: torch.Tensor
     terms_bpd: torch.Tensor
-
-
-def alphas_cumprod_from_config(config: Mapping) -> torch.Tensor:
-    """The float64 training-chain bar(alpha) of a DDPM/DDIM scheduler config, rebuilt from its betas."""
-    betas = make_betas(
-        int(config["num_train_timesteps"]),
-        config.get("beta_start", 1e-4),
-        config.get("beta_end", 0.02),
-        config.get("beta_schedule", "linear"),
-        config.get("trained_betas"),
-    )
-    if config.get("rescale_betas_zero_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    return alphas_cumprod_from_betas(betas)
 
 
 def model_log_variance(alphas_cumprod: torch.Tensor, t: int, variance_type: str, predicted: torch.Tensor | None) -> torch.Tensor:
@@ -147,7 +131,7 @@ def variational_bound(model_fn: ModelFn, x0: torch.Tensor, config: Mapping, *, g
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
     prediction_type = config.get("prediction_type", "epsilon")
-    alphas_cumprod = alphas_cumprod_from_config(config)
+    alphas_cumprod = NoiseSchedule.from_config(config).alphas_cumprod
     num_steps = alphas_cumprod.numel()
     if num_steps < 2:
         raise ValueError("the variational bound needs num_train_timesteps >= 2")
