@@ -1,47 +1,163 @@
 """Render the model card (``README.md``) of a training export from the repo-root ``model_card.md`` Jinja template.
 
+Every sentence on the card is derived from two sources: the saved folder itself (``model_index.json``,
+``scheduler/scheduler_config.json``, ``unet/config.json``: whether stock diffusers loads it, the scheduler, the
+image size, a valid number of sampling steps) and the :class:`RunFacts` the training script records (data,
+split, steps, whole-run wall time, license, the grid's sampler, what the evaluation was measured against).
+
 The YAML header is produced by ``huggingface_hub.ModelCardData`` (``yaml.dump``), never by string templating,
-so user-provided strings (dataset names, repo ids, text with ``---``, quotes, colons, newlines) cannot break
-it. Strings placed in the Markdown body are flattened to one line and table-escaped; the repo id in the
-usage snippets is a Python string literal. Secrets (``hub_token`` and anything named like a token, password
-or key, plus any HF-token-shaped string) are removed from the training arguments before rendering.
+so user-provided strings cannot break it; only a Hub dataset id goes into ``datasets:`` and a license only when
+the user chose one. Strings placed in the Markdown body are flattened to one line and table-escaped; the repo id
+in the usage snippets is a Python string literal. Secrets (``hub_token`` and anything named like a token,
+password or key, plus any HF-token-shaped string) are removed from the training arguments before rendering,
+and absolute local paths among them are reduced to their last component.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .data import DIGITS_NAME
 from .hub import scrub_secrets
 from .shipped_files import shipped_file
 
 TEMPLATE_PATH = shipped_file("model_card.md", "model_card.md")
 TAGS = ("ddpm", "diffusers", "diffusers-ddpm", "ddpm_hf", "unconditional-image-generation")
+SAMPLERS = ("DDPM", "DDIM")
+WEIGHTS = ("EMA", "raw")
+STOCK_PIPELINE = "DDPMPipeline"
 _SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.IGNORECASE)
-_METRIC_LABELS = {
-    "fid_digits": "FID, digits-classifier features",
-    "fid_digits_floor": "FID floor (real vs real), digits-classifier features",
-    "fid_inception": "FID, Inception features",
-    "fid_inception_floor": "FID floor (real vs real), Inception features",
-    "bits_per_dim": "Bits/dim on held-out images",
-    "class_balance": "Class balance of samples (normalised entropy, 1 = uniform)",
-    "classifier_confidence": "Mean classifier confidence on samples",
-}
+# Hub license identifiers are lower-case slugs such as apache-2.0, mit, cc-by-4.0, openrail++ or other.
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+_-]*")
+_HELD_OUT_WORDS = re.compile(r"held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
+# Keys of ddpm_hf.evaluate.evaluate_pipeline's result: shown only in the Evaluation section, and only with EvalFacts.
+_COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images")
+_EVAL_KEY = re.compile(r"fid_.*|bits_per_dim|class_histogram|class_balance|classifier_confidence(_real)?")
+# Run bookkeeping the card states in its own words (the whole run's wall time comes from RunFacts.wall_time_s).
+_BOOKKEEPING_KEY = re.compile(r"global_step|wall_time.*")
+
+
+@dataclass(kw_only=True)
+class SamplingFacts:
+    """How a set of samples was drawn.
+
+    Args:
+        sampler: ``"DDPM"`` (ancestral) or ``"DDIM"``.
+        num_inference_steps: sampling steps (at most the saved scheduler's ``num_train_timesteps``).
+        weights: ``"EMA"`` or ``"raw"`` (the network weights the samples came from).
+        seed: the ``torch.Generator`` seed.
+    """
+
+    sampler: str
+    num_inference_steps: int
+    weights: str
+    seed: int
+
+    def describe(self) -> str:
+        return f"{self.sampler}, {self.num_inference_steps} steps, {self.weights} weights, seed {self.seed}"
+
+    def check(self, name: str, num_train_timesteps: int) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"{name}.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"{name}.weights must be one of {WEIGHTS}, got {self.weights!r}")
+        steps = self.num_inference_steps
+        if not _is_int(steps) or not 1 <= steps <= num_train_timesteps:
+            raise ValueError(f"{name}.num_inference_steps must be an int in [1, {num_train_timesteps}] (the saved "
+                             f"scheduler's num_train_timesteps), got {steps!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"{name}.seed must be an int, got {self.seed!r}")
+
+
+@dataclass(kw_only=True)
+class GridFacts(SamplingFacts):
+    """The sample grid saved with the export.
+
+    Args:
+        filename: the grid's path relative to the export folder (must exist there).
+        (and the :class:`SamplingFacts` fields: sampler, num_inference_steps, weights, seed)
+    """
+
+    filename: str
+
+
+@dataclass(kw_only=True)
+class EvalFacts(SamplingFacts):
+    """What an evaluation measured and against what.
+
+    Args:
+        reference: the real images, in words (e.g. ``"the 450 digits of the fixed test split"``); FID compares
+            with them and bits/dim is measured on images of the same set.
+        heldout: True only if training never saw the reference images.
+        results: ``ddpm_hf.evaluate.evaluate_pipeline``'s result (metrics and the sample counts behind them).
+        (and the :class:`SamplingFacts` fields of the generated samples)
+    """
+
+    reference: str
+    heldout: bool
+    results: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class RunFacts:
+    """Everything the card says about the run; the rest is read from the saved folder.
+
+    Args:
+        training_args: all arguments of the run (secrets are stripped by the card).
+        dataset_name: as the user named it (a Hub id, a local path, or ``ddpm_hf.data.DIGITS_NAME``).
+        dataset_is_local: ``dataset_name`` is a local path; the card then names only its last component.
+        train_split: the images trained on, in words (e.g. ``"1,347 of the 1,797 digits ..."``).
+        global_step: optimizer steps done.
+        wall_time_s: the whole run's wall time (all resumed stretches, export and evaluation included).
+        license: the license the user chose (a Hub license id), or None: no license is claimed.
+        repo_id: the Hub repo id for the usage snippets; None shows the folder as ``./<name>``.
+        grid: the sample grid, or None when none was saved.
+        metrics: training statistics (evaluation results, if present too, must match ``evaluation``).
+        evaluation: the evaluation, or None when none was run.
+    """
+
+    training_args: dict[str, Any]
+    dataset_name: str
+    dataset_is_local: bool
+    train_split: str
+    global_step: int
+    wall_time_s: float
+    license: str | None = None
+    repo_id: str | None = None
+    grid: GridFacts | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    evaluation: EvalFacts | None = None
+
+
+@dataclass(frozen=True)
+class SavedFolder:
+    """What the export folder itself says (read from its JSON files)."""
+
+    stock: bool  # model_index names diffusers' DDPMPipeline (no remote-code file)
+    scheduler_name: str
+    scheduler_config: dict[str, Any]
+    num_train_timesteps: int
+    sample_size: int
+    in_channels: int
 
 
 class _AsciiCardData(ModelCardData):
     """Card metadata dumped as ASCII YAML (non-ASCII characters as escapes).
 
     huggingface_hub dumps with ``allow_unicode=True``, which writes characters such as U+0085 (NEL) and
-    U+2028 raw; YAML reads those back as line breaks, so a dataset name containing one would not round-trip.
+    U+2028 raw; YAML reads those back as line breaks, so a string containing one would not round-trip.
     """
 
     def to_yaml(self, line_break=None, original_order=None) -> str:
@@ -51,6 +167,10 @@ class _AsciiCardData(ModelCardData):
 
 class _Card(ModelCard):
     card_data_class = _AsciiCardData
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def strip_secrets(training_args: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +196,17 @@ def strip_secrets(training_args: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
+def _without_local_paths(value: Any) -> Any:
+    """Absolute local paths reduced to their last component (a published card must not show a user's folders)."""
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return os.path.basename(os.path.normpath(value))
+    return value
+
+
 def _inline(text: Any) -> str:
     """One Markdown line: whitespace runs (newlines included) collapsed, table pipes and backticks escaped."""
     flat = " ".join(str(text).split())
@@ -90,43 +221,254 @@ def _format_value(value: Any) -> str:
     return _inline(value)
 
 
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "not recorded"
-    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"wall_time_s must be a finite number of seconds >= 0 or None, got {seconds!r}")
+def _format_duration(seconds: float) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"wall_time_s must be a finite number of seconds >= 0, got {seconds!r}")
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
 
 
-def write_model_card(
-    output_dir: str,
-    training_args: dict[str, Any],
-    metrics: dict[str, Any],
-    repo_id: str | None,
-    dataset_name: str,
-    grid_filename: str | None,
-    *,
-    global_step: int | None = None,
-    wall_time_s: float | None = None,
-    license: str = "apache-2.0",  # noqa: A002 - the Hub metadata field's name
-    num_inference_steps: int = 1000,
-    template_path: str | Path = TEMPLATE_PATH,
-) -> str:
-    """Render ``README.md`` into ``output_dir`` and return its path.
+# ---- the saved folder --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {str(path)!r} of the saved pipeline: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object")
+    return data
+
+
+def read_saved_folder(output_dir: str | os.PathLike) -> SavedFolder:
+    """Read the facts the card states from a saved ``DDPMPipeline`` folder.
 
     Args:
-        output_dir: the export folder (the card is written as ``output_dir/README.md``).
-        training_args: every argument of the run; secret-named keys are dropped, token-shaped values masked.
-        metrics: evaluation results by name (``fid_digits``, ``fid_digits_floor``, ``bits_per_dim``, ...).
-        repo_id: the Hub repo id used in the usage snippets; ``None`` shows a local path instead.
-        dataset_name: dataset name or description; recorded in the YAML ``datasets`` list and in the body.
-        grid_filename: the sample grid's path relative to ``output_dir``, or ``None`` when there is none.
-        global_step: optimizer steps done.
-        wall_time_s: training wall time in seconds.
-        license: the card's license identifier.
-        num_inference_steps: steps shown in the stock diffusers snippet (the DDPM sampler's training length).
+        output_dir: the folder ``save_pretrained`` wrote.
+
+    Returns:
+        A :class:`SavedFolder`.
+
+    Raises:
+        ValueError: a JSON file is missing or malformed (named), or the scheduler entry is not ``[lib, class]``.
+    """
+    out = Path(output_dir)
+    index = _read_json(out / "model_index.json")
+    entry = index.get("scheduler")
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
+        raise ValueError(f"model_index.json in {str(out)!r} has no [library, class] scheduler entry, got {entry!r}")
+    scheduler_config = _read_json(out / "scheduler" / "scheduler_config.json")
+    unet = _read_json(out / "unet" / "config.json")
+    size = unet.get("sample_size")
+    return SavedFolder(
+        stock=index.get("_class_name") == STOCK_PIPELINE and not (out / "pipeline_ddpm_hf.py").exists(),
+        scheduler_name=entry[1],
+        scheduler_config=scheduler_config,
+        num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
+        sample_size=int(size[0] if isinstance(size, (list, tuple)) else size),
+        in_channels=int(unet.get("in_channels", 3)),
+    )
+
+
+def default_sampling_steps(folder: SavedFolder) -> int:
+    """Steps the card's diffusers snippet uses: DDPM's full chain, else DDIM's usual 50 (never more than T)."""
+    if folder.scheduler_name == "DDPMScheduler":
+        return folder.num_train_timesteps
+    return min(50, folder.num_train_timesteps)
+
+
+def remote_code_reasons(folder: SavedFolder) -> list[str]:
+    """Why stock diffusers would sample the saved scheduler differently (ddpm_hf's ``stock_divergences``)."""
+    from . import schedulers
+    from .pipeline import stock_divergences
+
+    cls = getattr(schedulers, folder.scheduler_name, None)
+    return stock_divergences(cls.from_config(folder.scheduler_config)) if cls is not None else []
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+def _check_run(run: RunFacts, folder: SavedFolder, out: Path) -> None:
+    """Validate the run facts up front, naming the field."""
+    if not isinstance(run, RunFacts):
+        raise TypeError(f"run must be a RunFacts, got {type(run).__name__}")
+    if run.repo_id is not None:
+        validate_repo_id(run.repo_id)  # raises HFValidationError (a ValueError) naming the bad id
+    for name in ("dataset_name", "train_split"):
+        value = getattr(run, name)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"RunFacts.{name} must be a non-empty string, got {value!r}")
+    if not isinstance(run.metrics, dict):
+        raise TypeError(f"RunFacts.metrics must be a dict, got {type(run.metrics).__name__}")
+    if not _is_int(run.global_step) or run.global_step < 0:
+        raise ValueError(f"RunFacts.global_step must be an int >= 0, got {run.global_step!r}")
+    if run.license is not None and (not isinstance(run.license, str) or not _LICENSE.fullmatch(run.license)):
+        raise ValueError(f"RunFacts.license must be a Hub license id (e.g. 'apache-2.0', 'mit') or None, "
+                         f"got {run.license!r}")
+    if run.grid is not None:
+        run.grid.check("RunFacts.grid", folder.num_train_timesteps)
+        if not (out / run.grid.filename).is_file():
+            raise ValueError(f"RunFacts.grid.filename {run.grid.filename!r} is not a file in {str(out)!r}")
+    stray = sorted(k for k in run.metrics if _EVAL_KEY.fullmatch(k))
+    if run.evaluation is None and stray:
+        raise ValueError(f"RunFacts.metrics holds evaluation results {stray} but RunFacts.evaluation is None: pass "
+                         "an EvalFacts saying what they were measured against")
+    if run.evaluation is not None:
+        _check_evaluation(run.evaluation, folder)
+
+
+def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
+    evaluation.check("RunFacts.evaluation", folder.num_train_timesteps)
+    if not isinstance(evaluation.reference, str) or not evaluation.reference.strip():
+        raise ValueError("RunFacts.evaluation.reference must name the real images evaluated against")
+    if not isinstance(evaluation.heldout, bool):
+        raise ValueError(f"RunFacts.evaluation.heldout must be a bool, got {evaluation.heldout!r}")
+    if not evaluation.heldout and _HELD_OUT_WORDS.search(evaluation.reference):
+        raise ValueError(f"RunFacts.evaluation.reference {evaluation.reference!r} calls the images held out, but "
+                         "heldout is False")
+    results = evaluation.results
+    if not isinstance(results, dict) or not any(_EVAL_KEY.fullmatch(k) for k in results):
+        raise ValueError("RunFacts.evaluation.results must be evaluate_pipeline's result (no metric found in it)")
+    needed = [k for k in _COUNT_KEYS[:3] if any(n.startswith("fid_") or n.startswith("class") for n in results)]
+    needed += ["num_bpd_images"] if "bits_per_dim" in results else []
+    missing = [k for k in needed if not _is_int(results.get(k))]
+    if missing:
+        raise ValueError(f"RunFacts.evaluation.results lacks the sample counts {missing} behind its metrics")
+
+
+def _dataset(run: RunFacts, resolution: int) -> tuple[list[str] | None, str]:
+    """The YAML ``datasets`` list (a Hub dataset id only) and the body's description of the data."""
+    name = run.dataset_name.strip()
+    if run.dataset_is_local:
+        base = os.path.basename(os.path.normpath(name)) or name
+        return None, f'a local folder named "{_inline(base)}"'
+    if name == DIGITS_NAME:
+        scale = f"upscaled bilinearly to {resolution}x{resolution}" if resolution != 8 else "at their 8x8 size"
+        return None, f"scikit-learn's built-in 8x8 digits (`sklearn.datasets.load_digits`, 1,797 images), {scale}"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"RunFacts.dataset_name {name!r} is neither a Hub dataset id nor the built-in "
+                         f"{DIGITS_NAME!r}; set dataset_is_local=True for a local path") from None
+    return [name], f"the Hub dataset `{name}`"
+
+
+# ---- the evaluation section --------------------------------------------------------------------------------------
+
+
+def _metric_label(key: str) -> str:
+    if key.startswith("fid_"):
+        features = key[4:].removesuffix("_floor")
+        kind = "FID floor (real vs real)" if key.endswith("_floor") else "FID"
+        return f"{kind}, {features} features"
+    return {
+        "bits_per_dim": "Bits/dim (variational bound; lower is better)",
+        "class_histogram": "Predicted class histogram of samples",
+        "class_balance": "Class balance of samples (normalised entropy, 1 = uniform)",
+        "classifier_confidence": "Mean classifier confidence on samples",
+        "classifier_confidence_real": "Mean classifier confidence on real images",
+    }.get(key, key)
+
+
+def _counts(key: str, r: dict[str, Any]) -> str:
+    """The images a metric was measured on, stated beside it."""
+    if key.startswith("fid_") and key.endswith("_floor"):
+        return f"{r['num_real_a']} real (half A) vs {r['num_real_b']} real (half B)"
+    if key.startswith("fid_"):
+        return f"{r['num_generated']} generated vs {r['num_real_b']} real (half B)"
+    if key == "bits_per_dim":
+        return f"{r['num_bpd_images']} real images"
+    if key == "classifier_confidence_real":
+        return f"{r['num_real_b']} real (half B)"
+    if key.startswith("class"):
+        return f"{r['num_generated']} generated"
+    return ""
+
+
+def _evaluation_notes(evaluation: EvalFacts) -> list[str]:
+    r = evaluation.results
+    notes = []
+    if any(k.startswith("fid_") for k in r):
+        notes.append("FID is the Frechet distance between feature statistics of generated and real images; the "
+                     "floor is the same distance between two disjoint sets of real images, what a perfect model "
+                     "would score at that sample count. FID depends on the sample count: compare it with the "
+                     "floor beside it, and with other FIDs only at the same counts and features.")
+        if r.get("num_real_a") != r.get("num_generated"):
+            notes.append(f"The floor uses {r.get('num_real_a')} real images where the FID uses "
+                         f"{r.get('num_generated')} generated ones (too few real images to match).")
+    if any(k.startswith("fid_digits") for k in r):
+        notes.append("The digits features are the 64 penultimate activations of a small digits classifier; "
+                     "these FIDs are not comparable with Inception FIDs from papers.")
+    if "bits_per_dim" in r:
+        where = ("images training never saw" if evaluation.heldout else
+                 "images the model was trained on, so it is a training-set bound, not a test likelihood")
+        notes.append(f"Bits/dim is the DDPM variational bound on the negative log-likelihood, on {where}.")
+    return notes
+
+
+def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
+    if evaluation is None:
+        return {"evaluated": False}
+    r = evaluation.results
+    heldout = "held out: training never saw them" if evaluation.heldout else "training data: the model trained on them"
+    rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_counts(k, r)))
+            for k, v in r.items() if k not in _COUNT_KEYS]
+    return {
+        "evaluated": True,
+        "eval_reference": _inline(f"{evaluation.reference} ({heldout})"),
+        "eval_sampler": _inline(evaluation.describe()),
+        "eval_rows": rows,
+        "eval_notes": [_inline(n) for n in _evaluation_notes(evaluation)],
+    }
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------------
+
+
+def _usage_vars(run: RunFacts, folder: SavedFolder, out: Path) -> dict[str, Any]:
+    steps = default_sampling_steps(folder)
+    stock_text = (f"the full {steps}-step ancestral DDPM chain" if folder.scheduler_name == "DDPMScheduler"
+                  else f"{steps} steps of the saved {folder.scheduler_name}")
+    grid = run.grid
+    saved_sampler = folder.scheduler_name.removesuffix("Scheduler")
+    return {
+        "stock": folder.stock,
+        "remote_reasons": [] if folder.stock else [_inline(r) for r in remote_code_reasons(folder)],
+        "repo_literal": repr(run.repo_id if run.repo_id is not None else f"./{out.name}"),
+        "stock_steps": steps,
+        "stock_text": stock_text,
+        "ours_text": f"the grid's sampler: {grid.describe()}" if grid else stock_text,
+        "ours_scheduler": f"{grid.sampler}Scheduler" if grid and grid.sampler != saved_sampler else None,
+        "ours_steps": grid.num_inference_steps if grid else steps,
+        "ours_seed": grid.seed if grid else 0,
+    }
+
+
+def _training_vars(run: RunFacts) -> dict[str, Any]:
+    eval_keys = set(run.evaluation.results) if run.evaluation else set()
+    stats = [(_inline(k), _format_value(v)) for k, v in run.metrics.items()
+             if k not in eval_keys and k not in _COUNT_KEYS and not _BOOKKEEPING_KEY.fullmatch(k)]
+    return {
+        "split_text": _inline(run.train_split),
+        "steps_text": str(run.global_step),
+        "wall_time_text": _format_duration(run.wall_time_s),
+        "license_text": _inline(run.license) if run.license else "none chosen (no license is claimed for this model)",
+        "hyperparameters": [(_inline(k), _format_value(v))
+                            for k, v in sorted(_without_local_paths(strip_secrets(run.training_args)).items())],
+        "train_stats": stats,
+    }
+
+
+def write_model_card(output_dir: str | os.PathLike, run: RunFacts, template_path: str | Path = TEMPLATE_PATH) -> str:
+    """Render ``README.md`` into the saved pipeline folder ``output_dir`` and return its path.
+
+    Args:
+        output_dir: the export folder, already holding the saved pipeline (``model_index.json``,
+            ``scheduler/``, ``unet/``) and the grid named by ``run.grid``.
+        run: the facts of the run (see :class:`RunFacts`).
         template_path: the Jinja template; defaults to ``model_card.md`` at the repository root.
 
     Returns:
@@ -134,39 +476,31 @@ def write_model_card(
     """
     out = Path(output_dir)
     if not out.is_dir():
-        raise ValueError(f"output_dir must be an existing directory, got {output_dir!r}")
-    if repo_id is not None:
-        validate_repo_id(repo_id)  # raises HFValidationError (a ValueError) naming the bad id
-    if not isinstance(dataset_name, str) or not dataset_name.strip():
-        raise ValueError(f"dataset_name must be a non-empty string, got {dataset_name!r}")
-    if not isinstance(metrics, dict):
-        raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
-    if global_step is not None and (not isinstance(global_step, int) or global_step < 0):
-        raise ValueError(f"global_step must be an int >= 0 or None, got {global_step!r}")
+        raise ValueError(f"output_dir must be an existing directory, got {str(output_dir)!r}")
     template = Path(template_path)
     if not template.is_file():
         raise FileNotFoundError(f"model card template {str(template)!r} not found (template_path)")
-
-    card_data = _AsciiCardData(
-        library_name="diffusers",
-        pipeline_tag="unconditional-image-generation",
-        license=license,
-        tags=list(TAGS),
-        datasets=[dataset_name],
-    )
+    folder = read_saved_folder(out)
+    _check_run(run, folder, out)
+    datasets, dataset_text = _dataset(run, folder.sample_size)
+    card_data = _AsciiCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
+                               license=run.license, tags=list(TAGS), datasets=datasets)
+    channels = {1: "grey", 3: "RGB"}.get(folder.in_channels, f"{folder.in_channels}-channel")
+    grid = run.grid
     card = _Card.from_template(
         card_data,
         template_path=str(template),
-        model_title=_inline(repo_id.split("/")[-1] if repo_id else "DDPM"),
-        dataset_text=_inline(dataset_name),
-        repo_literal=repr(repo_id if repo_id is not None else f"./{out.name}"),
-        num_inference_steps=int(num_inference_steps),
-        grid_url=quote(grid_filename) if grid_filename else None,
-        grid_caption=_inline(f"Samples ({grid_filename}) drawn with a fixed seed at the end of training."),
-        steps_text=str(global_step) if global_step is not None else "not recorded",
-        wall_time_text=_format_duration(wall_time_s),
-        hyperparameters=[(_inline(k), _format_value(v)) for k, v in sorted(strip_secrets(training_args).items())],
-        metrics=[(_inline(_METRIC_LABELS.get(k, k)), _format_value(v)) for k, v in metrics.items()],
+        model_title=_inline(run.repo_id.split("/")[-1] if run.repo_id else "DDPM"),
+        dataset_text=dataset_text,
+        image_text=f"{folder.sample_size}x{folder.sample_size} {channels}",
+        scheduler_name=_inline(folder.scheduler_name),
+        num_train_timesteps=folder.num_train_timesteps,
+        grid_url=quote(grid.filename) if grid else None,
+        grid_caption=_inline(f"Samples drawn at optimizer step {run.global_step} with {grid.describe()} "
+                             f"({grid.filename}).") if grid else None,
+        **_usage_vars(run, folder, out),
+        **_training_vars(run),
+        **_evaluation_vars(run.evaluation),
     )
     path = out / "README.md"
     card.save(path)
