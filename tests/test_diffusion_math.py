@@ -3,7 +3,9 @@
 import math
 
 import diffusers
+import mpmath
 import pytest
+import scipy.stats
 import torch
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr as diffusers_rescale
 from hypothesis import given, settings
@@ -180,11 +182,88 @@ def test_likelihood_terms():
     torch.testing.assert_close(dm.normal_kl(m1, l1, m2, l2), expect)
     x = torch.linspace(-4, 4, 9, dtype=torch.float64)
     torch.testing.assert_close(dm.standard_normal_cdf(x), torch.distributions.Normal(0.0, 1.0).cdf(x))
-    # DDPM eq. 13: the 256 bin probabilities of a discretised Gaussian sum to one
+
+
+def _mp_log_bin_mass(x: float, mean: float, std: float) -> float:
+    """log of a bin's mass under N(mean, std^2) in 50-digit arithmetic (DDPM eq. 13's bins of half-width 1/255).
+
+    Arbitrary-precision floats do not underflow, so the lower tail is a plain CDF difference; above the mean the
+    same mass is taken as a difference of survival functions, which 50 digits resolve where 1 - tiny would not.
+    """
+    x, mean, std = mpmath.mpf(x), mpmath.mpf(mean), mpmath.mpf(std)
+    low, high = (x - mpmath.mpf(1) / 255 - mean) / std, (x + mpmath.mpf(1) / 255 - mean) / std
+    if x < -0.999:
+        low = -mpmath.inf
+    if x > 0.999:
+        high = mpmath.inf
+    if low + high <= 0:
+        return float(mpmath.log(mpmath.ncdf(high) - mpmath.ncdf(low)))
+    return float(mpmath.log(mpmath.ncdf(-low) - mpmath.ncdf(-high)))
+
+
+def _ours(x, mean, std):
+    x, mean = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(mean, dtype=torch.float64)
+    return dm.discretized_gaussian_log_likelihood(x, mean, torch.full_like(x, math.log(std)))
+
+
+@pytest.mark.parametrize("std", [0.003, 0.01, 0.3])
+def test_discretized_gaussian_log_likelihood_from_0_to_40_sigma_both_tails(std):
+    """Interior and edge bins, the mean 0..40 std below and above the bin: within float64 rounding of mpmath."""
+    bins = [-1.0, -1 + 2 / 255, -0.5, 0.2, 1 - 2 / 255, 1.0]
+    cases = [(x, x + sign * k * std) for x in bins for k in range(41) for sign in (1, -1)]
+    xs, means = zip(*cases)
+    with mpmath.workdps(50):
+        expect = torch.tensor([_mp_log_bin_mass(x, m, std) for x, m in cases], dtype=torch.float64)
+    assert expect.min() < -700  # the old CDF difference clamped at 1e-300 floored everything at -690.8
+    torch.testing.assert_close(_ours(xs, means, std), expect, rtol=1e-12, atol=1e-12)
+    # The edge bins against scipy too: log Phi(upper) at x = -1, log(1 - Phi(lower)) at x = +1.
+    k = torch.arange(41, dtype=torch.float64)
+    left = scipy.stats.norm.logcdf(((-1 + 1 / 255) - (-1 + k * std)).numpy() / std)
+    right = scipy.stats.norm.logsf(((1 - 1 / 255) - (1 - k * std)).numpy() / std)
+    torch.testing.assert_close(_ours(torch.full_like(k, -1.0), -1 + k * std, std), torch.from_numpy(left),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_ours(torch.ones_like(k), 1 - k * std, std), torch.from_numpy(right),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_discretized_gaussian_bins_are_the_gaussian_masses_and_sum_to_one():
+    # DDPM eq. 13: each of the 256 bins has its Gaussian mass (any CDF with consistent edges would sum to one).
     bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, log_scale in ((0.1, -2.0), (-0.9, -4.0), (0.0, 0.5)):
         ll = dm.discretized_gaussian_log_likelihood(bins, torch.full_like(bins, mean), torch.full_like(bins, log_scale))
+        with mpmath.workdps(50):
+            expect = [_mp_log_bin_mass(x, mean, math.exp(log_scale)) for x in bins.tolist()]
+        torch.testing.assert_close(ll, torch.tensor(expect, dtype=torch.float64), rtol=1e-12, atol=1e-12)
         assert math.isclose(ll.exp().sum().item(), 1.0, rel_tol=1e-9)
+
+
+def test_decoder_nll_of_an_image_with_two_pixels_15_levels_off():
+    """A 16x16 image decoded at DDPM's t = 0 std (sqrt of beta_tilde_1, linear schedule), two pixels 15 levels off.
+
+    Every other pixel sits at the centre of its bin: mass erf(h / (std sqrt 2)) with h = 1/255. The two off pixels
+    lie ~15.4-16.5 std out, where the old CDF difference rounded to 0 (9.08 bits/dim instead of 2.67).
+    """
+    std = math.exp(0.5 * dm.NoiseSchedule.from_config({}).log_variance_bounds(0)[0].item())
+    x = torch.linspace(-0.8, 0.8, 256, dtype=torch.float64).mul(127.5).round().div(127.5).reshape(16, 16)
+    mean = x.clone()
+    mean[3, 4] += 30 / 255
+    mean[9, 1] -= 30 / 255
+    bits = -_ours(x, mean, std).mean().item() / math.log(2)
+    with mpmath.workdps(50):
+        centred = float(mpmath.log(mpmath.erf(mpmath.mpf(1) / 255 / (std * mpmath.sqrt(2)))))
+        off = [_mp_log_bin_mass(x[i, j].item(), mean[i, j].item(), std) for i, j in ((3, 4), (9, 1))]
+    expect = -(254 * centred + sum(off)) / 256 / math.log(2)
+    assert math.isclose(bits, expect, rel_tol=1e-12) and 2.6 < bits < 2.7
+
+
+def test_decoder_log_likelihood_gradient_is_finite_and_informative_in_the_tails():
+    # 30 std off: the log mass still falls as the mean moves away and rises as the scale grows (the clamp gave 0).
+    x = torch.tensor([0.2, 1.0, -1.0], dtype=torch.float64)
+    mean = (x + torch.tensor([0.3, -0.3, 0.3], dtype=torch.float64)).requires_grad_()
+    log_scale = torch.full_like(x, math.log(0.01)).requires_grad_()
+    dm.discretized_gaussian_log_likelihood(x, mean, log_scale).sum().backward()
+    assert torch.isfinite(mean.grad).all() and torch.isfinite(log_scale.grad).all()
+    assert (mean.grad * torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64) < 0).all() and (log_scale.grad > 0).all()
 
 
 def test_gather_and_as_alpha_shape_and_dtype():

@@ -406,17 +406,39 @@ def standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation (Maechler 2012: expm1 near 0, log1p further out)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def log_normal_interval_mass(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """log(Phi(high) - Phi(low)) for low < high, accurate in both tails (float64 to beyond 40 sigma).
+
+    log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))), with log Phi = ``log_ndtr``.
+    An interval above 0 is mirrored first (Phi(b) - Phi(a) = Phi(-a) - Phi(-b)), so the formula always works on
+    the lower tail, where log_ndtr keeps its relative accuracy; a CDF difference would round to 0 past ~8 sigma.
+    """
+    upper = (low + high) > 0
+    low, high = torch.where(upper, -high, low), torch.where(upper, -low, high)
+    log_high = torch.special.log_ndtr(high)
+    # A difference that rounds to 0 (bins narrower than float64 resolves) would give log(0) and NaN gradients.
+    gap = (torch.special.log_ndtr(low) - log_high).clamp(max=-1e-300)
+    return log_high + _log1mexp(gap)
+
+
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """log p(x) of data in [-1, 1] quantised to 256 bins under N(mean, exp(log_scale)^2) (DDPM eq. 13).
 
-    The edge bins extend to -inf and +inf. Computed in float64.
+    Each bin is [x - 1/255, x + 1/255]; the edge bins extend to -inf (x = -1: log Phi(upper)) and +inf
+    (x = +1: log(1 - Phi(lower)) = log Phi(-lower)). Computed in float64 and in log space throughout, so a bin
+    tens of standard deviations from the mean keeps its true (very negative) log mass.
     """
     x, mean, log_scale = x.double(), mean.double(), log_scale.double()
     centered = x - mean
     inv_std = torch.exp(-log_scale)
-    cdf_plus = standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-300))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-300))
-    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-300))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    upper = inv_std * (centered + 1.0 / 255.0)
+    lower = inv_std * (centered - 1.0 / 255.0)
+    log_interior = log_normal_interval_mass(lower, upper)
+    log_left_edge = torch.special.log_ndtr(upper)
+    log_right_edge = torch.special.log_ndtr(-lower)
+    return torch.where(x < -0.999, log_left_edge, torch.where(x > 0.999, log_right_edge, log_interior))
