@@ -7,16 +7,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
+import scipy.stats
 import torch
 import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+import ddpm_hf
 from ddpm_hf import evaluate
 from ddpm_hf.evaluate import (
     class_statistics,
     digits_real_images,
     digits_split_indices,
     evaluate_pipeline,
+    fid_from_features,
     frechet_distance,
     load_digits_classifier,
 )
@@ -101,6 +107,54 @@ def test_frechet_distance_against_scipy_sqrtm_and_closed_forms():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
+def _with_moments(rng, n, mean, cov):
+    """n samples whose sample mean is exactly ``mean`` and whose unbiased sample covariance is exactly ``cov``."""
+    z = rng.normal(size=(n, len(mean)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T  # now cov(z) = I exactly
+    return torch.from_numpy(z @ np.linalg.cholesky(cov).T + mean)
+
+
+def test_fid_of_two_gaussians_with_known_moments_is_the_closed_form():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    mu1, s1 = np.array([0.0, 1, 2, 3, 4]), a @ a.T + 0.1 * np.eye(5)
+    mu2, s2 = np.array([1.0, -1, 0, 0.5, 2]), b @ b.T + 0.5 * np.eye(5)
+    # d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Dowson & Landau 1982), via scipy's general sqrtm
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    got = fid_from_features(_with_moments(rng, 300, mu1, s1), _with_moments(rng, 40, mu2, s2))
+    assert got == pytest.approx(expected, rel=1e-9)
+    # commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2
+    d1, d2 = np.array([1.0, 4, 9]), np.array([4.0, 1, 0.25])
+    diagonal = frechet_distance(np.zeros(3), np.diag(d1), np.ones(3), np.diag(d2))
+    assert diagonal == pytest.approx(3 + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-12)
+
+
+def test_identical_sets_smaller_than_the_feature_count_score_exactly_zero():
+    # 20 samples of 64 features: a rank-19 covariance, where the unclamped formula gave about -2.3e-6
+    features = torch.from_numpy(np.random.default_rng(0).normal(size=(20, 64)))
+    assert fid_from_features(features, features) == 0.0
+    assert fid_from_features(features, features + 0.5) == pytest.approx(64 * 0.25, rel=1e-6)
+
+
+def test_the_floor_is_measured_at_the_fid_sample_count(digits):
+    seen = []
+
+    def pixels(images):
+        seen.append(images.clone())
+        return images.flatten(1)[:, ::16]
+
+    real = digits["test"]
+    metrics = evaluate_pipeline(ReplayPipeline(digits["train"]), real, num_samples=40, batch_size=1000,
+                                feature_extractor={"pixels": pixels}, num_bpd_images=0)
+    assert metrics["num_generated"] == metrics["num_real_a"] == 40 and metrics["num_real_b"] == 225
+    half_b, fake, floor_a = seen  # one call each: reference half B, the samples, then half A for the floor
+    assert len(half_b) == 225 and len(fake) == len(floor_a) == 40
+    rows = {tuple(x.flatten().tolist()) for x in real}
+    b_rows = {tuple(x.flatten().tolist()) for x in half_b}
+    assert all(tuple(x.flatten().tolist()) in rows - b_rows for x in floor_a)  # real images, disjoint from B
+
+
 def test_fid_of_real_digits_is_near_the_floor_and_noise_is_far(digits):
     real, replayed = digits["test"], ReplayPipeline(digits["train"])
     replay = evaluate_pipeline(replayed, real, num_inference_steps=7, batch_size=100, num_bpd_images=0)
@@ -126,6 +180,19 @@ def test_class_statistics_of_a_collapsed_generator():
     assert uniform["class_balance"] == pytest.approx(1.0)
 
 
+def test_class_statistics_of_hand_made_logits():
+    rng = np.random.default_rng(3)
+    labels = np.array([0, 0, 0, 1, 1, 2, 7, 7])
+    logits = rng.normal(size=(8, 10))
+    logits[np.arange(8), labels] += 10.0  # each row's argmax is its label
+    stats = class_statistics(torch.from_numpy(logits))
+    histogram = np.bincount(labels, minlength=10) / 8  # [3, 2, 1, 0, 0, 0, 0, 2, 0, 0] / 8
+    assert stats["class_histogram"] == [round(v, 4) for v in histogram]
+    assert stats["class_balance"] == pytest.approx(scipy.stats.entropy(histogram) / np.log(10), rel=1e-12)
+    assert stats["classifier_confidence"] == pytest.approx(scipy.special.softmax(logits, axis=1).max(1).mean(),
+                                                           rel=1e-12)
+
+
 def test_bits_per_dim_through_log_likelihood(digits, caplog):
     caplog.set_level(logging.INFO)
     pipe = LikelihoodPipeline(digits["test"])
@@ -136,6 +203,43 @@ def test_bits_per_dim_through_log_likelihood(digits, caplog):
     assert torch.equal(pipe.seen, (digits["test"][4:6] + 1) / 2)  # NCHW in [0, 1], the pipeline-output range
     evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=8, num_bpd_images=4)
     assert "has no log_likelihood" in caplog.text
+
+
+class OracleUNet(ModelMixin, ConfigMixin):
+    """Predicts the exact noise of x_t for known clean images x0: eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+
+    @register_to_config
+    def __init__(self, sample_size: int = 4, in_channels: int = 1, out_channels: int = 1):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros((), dtype=torch.float64))  # makes the pipeline compute in float64
+
+    def forward(self, sample, timestep, return_dict=True):
+        abar = self.alphas_cumprod[int(timestep)]
+        return ((sample - abar**0.5 * self.x0) / (1 - abar) ** 0.5,)
+
+
+def test_bits_per_dim_of_an_exact_noise_predictor_is_the_closed_form():
+    """With the true noise, every KL term t >= 1 of the bound (Ho et al. eq. 5) is 0, the model mean at t = 0 is
+    x0 itself, so the bound is the discretised decoder at sigma^2 = posterior variance of t = 1 plus the prior."""
+    num_steps = 10
+    betas = np.linspace(1e-4, 0.02, num_steps)
+    abar = np.cumprod(1 - betas)
+    grey = np.random.default_rng(4).integers(0, 256, size=(3, 1, 4, 4))
+    grey[0, 0, 0, :2], grey[1, 0, 1, :2] = (0, 255), (255, 0)  # both edge bins
+    x0 = grey / 127.5 - 1
+    oracle = OracleUNet().double()
+    oracle.x0, oracle.alphas_cumprod = torch.from_numpy(x0), torch.from_numpy(abar)
+    pipe = ddpm_hf.DDPMPipeline(oracle, ddpm_hf.DDPMScheduler(num_train_timesteps=num_steps))
+    pipe.set_progress_bar_config(disable=True)
+
+    sigma = np.sqrt(betas[1] * (1 - abar[0]) / (1 - abar[1]))  # the clipped posterior std used at t = 0
+    inner = 2 * scipy.stats.norm.cdf(1 / 255 / sigma) - 1  # mass of the +-1/255 bin around its own centre
+    edge = scipy.stats.norm.cdf(1 / 255 / sigma)  # the end bins extend to -inf / +inf
+    decoder = -np.log(np.where(np.abs(grey) % 255 == 0, edge, inner))
+    prior = 0.5 * (-1 - np.log(1 - abar[-1]) + (1 - abar[-1]) + abar[-1] * x0**2)  # KL(q(x_T|x0) || N(0, I))
+    expected = ((decoder + prior).mean(axis=(1, 2, 3)) / np.log(2)).mean()
+    got = evaluate.bits_per_dim(pipe, torch.from_numpy(x0).float(), 3, torch.Generator().manual_seed(0))
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_pluggable_feature_extractor_mapping(digits):
@@ -155,10 +259,15 @@ class _FakeInception(nn.Module):
 def test_inception_features_from_a_local_torchscript_file(digits, tmp_path, monkeypatch):
     path = tmp_path / "inception.pt"
     torch.jit.script(_FakeInception()).save(str(path))
+    # constant images survive any resize exactly: the network must see 3 channels of (c + 1) * 127.5
+    levels = torch.tensor([-1.0, -0.5, 0.0, 1.0])
+    features = evaluate.load_inception_features(str(path))(levels.view(4, 1, 1, 1).expand(4, 1, 16, 16))
+    expected = (levels.double() + 1) * 127.5
+    assert torch.allclose(features.double(), torch.stack([expected, torch.zeros(4), expected], 1), atol=1e-4)
     monkeypatch.setenv(evaluate.INCEPTION_ENV, str(path))
     metrics = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=20,
                                 num_bpd_images=0)
-    assert np.isfinite(metrics["fid_inception"]) and "fid_inception_floor" in metrics and "fid_digits" in metrics
+    assert metrics["fid_inception"] > metrics["fid_inception_floor"] >= 0.0 and "fid_digits" in metrics
 
 
 def test_missing_inception_weights_say_what_to_set(digits, monkeypatch):
@@ -185,7 +294,6 @@ def test_bad_arguments(digits, kwargs, match):
 
 
 def test_cli_on_a_tiny_pipeline_saved_with_diffusers_classes(tmp_path, capsys):
-    pytest.importorskip("ddpm_hf.pipeline")
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
@@ -194,10 +302,14 @@ def test_cli_on_a_tiny_pipeline_saved_with_diffusers_classes(tmp_path, capsys):
                        layers_per_block=1)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "pipe")
     out = tmp_path / "metrics.json"
-    returned = evaluate.main([str(tmp_path / "pipe"), "--num_samples", "8", "--num_inference_steps", "2",
-                              "--real_split", "test", "--num_bpd_images", "4", "--output", str(out)])
+    # no --num_inference_steps: the default (100) is capped at the scheduler's 10 training steps
+    returned = evaluate.main([str(tmp_path / "pipe"), "--num_samples", "8", "--num_bpd_images", "4",
+                              "--output", str(out)])
     printed = json.loads(capsys.readouterr().out)
     assert printed == returned == json.loads(out.read_text())
     assert {"fid_digits", "fid_digits_floor", "class_balance", "classifier_confidence"} <= set(printed)
-    assert printed["num_generated"] == 8 and printed["fid_digits"] > printed["fid_digits_floor"]
-    assert np.isfinite(printed["bits_per_dim"]) and printed["bits_per_dim"] > 0
+    assert printed["num_generated"] == printed["num_real_a"] == 8 and printed["fid_digits"] > printed["fid_digits_floor"]
+    # the default reference is the held-out test split: 450 digits, halves of 225
+    assert printed["real_split"] == printed["bpd_split"] == "test" and printed["num_real_b"] == 225
+    assert printed["sampler"] == "DDPMScheduler" and printed["num_inference_steps"] == 10 and printed["seed"] == 0
+    assert printed["num_bpd_images"] == 4 and np.isfinite(printed["bits_per_dim"]) and printed["bits_per_dim"] > 0

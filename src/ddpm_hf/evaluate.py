@@ -13,19 +13,23 @@ images. Its feature extractor is pluggable:
   bit-identical with clean-fid's PIL-bicubic pipeline.
 
 Every FID comes with its floor: the same distance between two halves of the real images, the score of a perfect
-model at that sample size. Generated samples are compared with the second half, and as many are drawn as the
-first half holds unless asked otherwise, so FID and floor share their sample sizes.
+model at that sample size. Generated samples are compared with the second half B; as many are drawn as the
+first half A holds unless asked otherwise, and with fewer the floor uses as many of A's images, so FID and
+floor share their sample counts (returned beside them). The CLI evaluates against the held-out "test" split
+of the built-in digits, which training never sees.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +209,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). The trace of the square root is taken
     as that of the symmetric PSD matrix (sigma1^(1/2) sigma2 sigma1^(1/2))^(1/2), which has the same eigenvalues,
     via eigendecompositions: no complex parts arise, and singular covariances (fewer samples than features) are
-    fine, where ``scipy.linalg.sqrtm`` needs a diagonal offset and drops imaginary residue.
+    fine, where ``scipy.linalg.sqrtm`` needs a diagonal offset and drops imaginary residue. The result is
+    clamped at 0 (rounding can leave a tiny negative value for identical inputs).
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -213,7 +219,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    distance = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # A squared distance is >= 0; rounding in the eigendecompositions leaves about -1e-6 for identical singular
+    # covariances (fewer samples than features), which must not be reported as better than identical.
+    return max(distance, 0.0)
 
 
 def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +253,20 @@ def class_statistics(logits: torch.Tensor) -> dict[str, Any]:
 # ---- the pipeline side -------------------------------------------------------------------------------------------
 
 
+def _progress(items: range, desc: str):
+    """A progress bar over batches, shown on a terminal only (tqdm's ``disable=None``); logs cover the rest."""
+    return tqdm(items, desc=desc, unit="batch", disable=None, leave=False)
+
+
+@contextlib.contextmanager
+def _phase(what: str):
+    """Log the start of a slow phase and its duration (sampling and the bound can take minutes)."""
+    logger.info("Evaluation: %s ...", what)
+    start = time.perf_counter()
+    yield
+    logger.info("Evaluation: %s done in %.1f s", what, time.perf_counter() - start)
+
+
 def generate(pipeline, num_samples: int, batch_size: int, num_inference_steps: int | None,
              generator: torch.Generator) -> torch.Tensor:
     """Draw ``num_samples`` images as ``(N, C, H, W)`` in [-1, 1] through the diffusers call convention."""
@@ -251,7 +274,7 @@ def generate(pipeline, num_samples: int, batch_size: int, num_inference_steps: i
         pipeline.set_progress_bar_config(disable=True)
     kwargs = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
     batches = []
-    for start in range(0, num_samples, batch_size):
+    for start in _progress(range(0, num_samples, batch_size), "sampling"):
         out = pipeline(batch_size=min(batch_size, num_samples - start), generator=generator, output_type="np", **kwargs)
         images = torch.from_numpy(np.asarray(out.images, dtype=np.float32))
         batches.append(images.permute(0, 3, 1, 2) * 2 - 1)
@@ -271,7 +294,7 @@ def bits_per_dim(pipeline, images: torch.Tensor, batch_size: int, generator: tor
     images01 = (images.clamp(-1, 1) + 1) / 2  # log_likelihood takes pipeline-output range and quantises itself
     takes_generator = "generator" in inspect.signature(log_likelihood).parameters
     values = []
-    for start in range(0, len(images01), batch_size):
+    for start in _progress(range(0, len(images01), batch_size), "bits/dim"):
         batch = images01[start : start + batch_size]
         result = log_likelihood(batch, generator=generator) if takes_generator else log_likelihood(batch)
         values.append(torch.as_tensor(getattr(result, "bits_per_dim", result)).double().reshape(-1).cpu())
@@ -302,7 +325,7 @@ def _feature_fns(feature_extractor: str | Mapping[str, FeatureFn], classifier: D
 
 
 def _batched(fn: FeatureFn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    return torch.cat([fn(images[i : i + batch_size]) for i in _progress(range(0, len(images), batch_size), "features")])
 
 
 @torch.no_grad()
@@ -326,8 +349,9 @@ def evaluate_pipeline(
         pipeline: a diffusers-style pipeline: ``pipeline(batch_size=, generator=, num_inference_steps=,
             output_type="np").images`` in [0, 1]; bits/dim needs a ``log_likelihood(images)`` method too.
         real_images: ``(N, C, H, W)`` real images in [-1, 1], N >= 4; split into two fixed halves A and B.
-        num_samples: images to generate; ``None`` draws as many as half A holds (FID and floor then share
-            their sample sizes).
+        num_samples: images to generate; ``None`` draws as many as half A holds. With fewer, the floor uses
+            that many of half A's images, so FID and floor always share their sample counts (with more, the
+            floor is at half A's size, and a warning says so).
         batch_size: batch size for sampling, features and likelihood.
         num_inference_steps: sampler steps; ``None`` uses the pipeline's default.
         generator: seeds sampling and the real-image split; ``None`` uses ``torch.Generator().manual_seed(0)``.
@@ -343,8 +367,33 @@ def evaluate_pipeline(
     Returns:
         ``fid_<name>`` and ``fid_<name>_floor`` per feature extractor, ``class_histogram``, ``class_balance``,
         ``classifier_confidence`` (and ``classifier_confidence_real`` for reference), ``bits_per_dim`` when the
-        pipeline has ``log_likelihood``, and the sample counts used.
+        pipeline has ``log_likelihood``, and the counts behind them: ``num_generated`` (samples),
+        ``num_real_a`` (half A images in the floor), ``num_real_b`` (half B, the reference of both) and
+        ``num_bpd_images``. Each phase is logged with its duration; progress bars show on a terminal.
     """
+    _check_eval_args(real_images, batch_size, num_bpd_images, num_samples)
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    classifier = load_digits_classifier()
+    fns = _feature_fns(feature_extractor, classifier, inception_weights)
+
+    real = real_images.float().cpu()[torch.randperm(len(real_images), generator=generator)]
+    half_a, half_b = real[: len(real) // 2], real[len(real) // 2 :]
+    num_generated = num_samples or len(half_a)
+    with _phase(f"sampling {num_generated} images"):
+        fake = generate(pipeline, num_generated, batch_size, num_inference_steps, generator)
+    with _phase(f"features of {len(fake)} generated and {len(real)} real images"):
+        metrics = _sample_metrics(fns, classifier, fake, half_a, half_b, batch_size)
+    if num_bpd_images:
+        heldout = (heldout_images if heldout_images is not None else half_a)[:num_bpd_images]
+        with _phase(f"bits/dim of {len(heldout)} images"):
+            bpd = bits_per_dim(likelihood_pipeline or pipeline, heldout, batch_size, generator)
+        if bpd is not None:
+            metrics.update(bits_per_dim=bpd, num_bpd_images=len(heldout))
+    logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
+
+
+def _check_eval_args(real_images: Any, batch_size: Any, num_bpd_images: Any, num_samples: Any) -> None:
     if not torch.is_tensor(real_images) or real_images.ndim != 4 or len(real_images) < 4:
         shape = tuple(real_images.shape) if torch.is_tensor(real_images) else type(real_images).__name__
         raise ValueError(f"real_images must be a (N, C, H, W) tensor with N >= 4, got {shape}")
@@ -353,25 +402,24 @@ def evaluate_pipeline(
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 2):
         raise ValueError(f"num_samples must be an int >= 2 or None, got {num_samples!r}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    classifier = load_digits_classifier()
-    fns = _feature_fns(feature_extractor, classifier, inception_weights)
 
-    real = real_images.float().cpu()[torch.randperm(len(real_images), generator=generator)]
-    half_a, half_b = real[: len(real) // 2], real[len(real) // 2 :]
-    fake = generate(pipeline, num_samples or len(half_a), batch_size, num_inference_steps, generator)
-    metrics: dict[str, Any] = {"num_generated": len(fake), "num_real_a": len(half_a), "num_real_b": len(half_b)}
+
+def _sample_metrics(fns: Mapping[str, FeatureFn], classifier: DigitsClassifier, fake: torch.Tensor,
+                    half_a: torch.Tensor, half_b: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """FID and floor per extractor at matched counts, and the digit class statistics of the samples."""
+    # FID is biased upward at small N, so the floor is only a floor at the FID's own count: with fewer samples
+    # than half A holds, the floor uses as many of A's (randomly permuted) images as there are samples.
+    floor_a = half_a[: len(fake)]
+    if len(fake) > len(half_a):
+        logger.warning("Evaluation: %d samples but only %d real images for the floor; the FID floor is at the "
+                       "smaller count.", len(fake), len(half_a))
+    metrics: dict[str, Any] = {"num_generated": len(fake), "num_real_a": len(floor_a), "num_real_b": len(half_b)}
     for name, fn in fns.items():
         feats_b = _batched(fn, half_b, batch_size)
         metrics[f"fid_{name}"] = fid_from_features(_batched(fn, fake, batch_size), feats_b)
-        metrics[f"fid_{name}_floor"] = fid_from_features(_batched(fn, half_a, batch_size), feats_b)
+        metrics[f"fid_{name}_floor"] = fid_from_features(_batched(fn, floor_a, batch_size), feats_b)
     metrics.update(class_statistics(_batched(classifier, fake, batch_size)))
     metrics["classifier_confidence_real"] = class_statistics(_batched(classifier, half_b, batch_size))["classifier_confidence"]
-    if num_bpd_images:
-        heldout = heldout_images if heldout_images is not None else half_a
-        bpd = bits_per_dim(likelihood_pipeline or pipeline, heldout[:num_bpd_images], batch_size, generator)
-        if bpd is not None:
-            metrics["bits_per_dim"] = bpd
     return metrics
 
 
@@ -389,14 +437,16 @@ def digits_real_images(split: str, resolution: int, num_channels: int) -> torch.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_hf.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("pipeline_dir", help="a saved pipeline folder (or Hub repo id) that ddpm_hf.DDPMPipeline loads")
-    p.add_argument("--num_samples", type=int, default=None, help="images to generate (default: half the real set)")
+    p.add_argument("--num_samples", type=int, default=None,
+                   help="images to generate (default: half the real set, 225 of the test split)")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--num_inference_steps", type=int, default=100)
+    p.add_argument("--num_inference_steps", type=int, default=None,
+                   help="steps of the saved scheduler (default: 100, at most its num_train_timesteps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature_extractor", choices=FEATURE_EXTRACTORS, default="auto")
     p.add_argument("--inception_weights", default=None, help=f"TorchScript Inception file (default: ${INCEPTION_ENV})")
-    p.add_argument("--real_split", choices=("all", "train", "test"), default="all",
-                   help="digits used as the real set for FID")
+    p.add_argument("--real_split", choices=("all", "train", "test"), default="test",
+                   help="digits used as the real set for FID (default: the held-out test split)")
     p.add_argument("--bpd_split", choices=("all", "train", "test"), default="test",
                    help="digits used for bits/dim (held out only if training left them out)")
     p.add_argument("--num_bpd_images", type=int, default=64, help="0 skips bits/dim")
@@ -412,19 +462,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipeline = DDPMPipeline.from_pretrained(args.pipeline_dir)
     config = pipeline.unet.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    steps = args.num_inference_steps or min(100, pipeline.scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(args.seed)
     metrics = evaluate_pipeline(
         pipeline,
         digits_real_images(args.real_split, size, config.in_channels),
         num_samples=args.num_samples,
         batch_size=args.batch_size,
-        num_inference_steps=args.num_inference_steps,
+        num_inference_steps=steps,
         generator=generator,
         feature_extractor=args.feature_extractor,
         heldout_images=digits_real_images(args.bpd_split, size, config.in_channels),
         num_bpd_images=args.num_bpd_images,
         inception_weights=args.inception_weights,
     )
+    # What the numbers were measured with and against (the facts a model card states beside them).
+    metrics.update(sampler=type(pipeline.scheduler).__name__, num_inference_steps=steps, seed=args.seed,
+                   real_split=args.real_split, bpd_split=args.bpd_split)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:

@@ -16,7 +16,6 @@ and absolute local paths among them are reduced to their last component.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from huggingface_hub.utils import validate_repo_id
 from .data import DIGITS_NAME
 from .hub import scrub_secrets
 from .shipped_files import shipped_file
+from .validation import check_bool, check_choice, check_int, is_finite_real, is_int
 
 TEMPLATE_PATH = shipped_file("model_card.md", "model_card.md")
 TAGS = ("ddpm", "diffusers", "diffusers-ddpm", "ddpm_hf", "unconditional-image-generation")
@@ -42,8 +42,10 @@ _SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential",
 # Hub license identifiers are lower-case slugs such as apache-2.0, mit, cc-by-4.0, openrail++ or other.
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+_-]*")
 _HELD_OUT_WORDS = re.compile(r"held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
-# Keys of ddpm_hf.evaluate.evaluate_pipeline's result: shown only in the Evaluation section, and only with EvalFacts.
+# Keys of ddpm_hf.evaluate's results: metrics are shown only in the Evaluation section and only with EvalFacts;
+# counts beside each metric; the CLI's sampling context is stated from EvalFacts' own fields.
 _COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images")
+_CONTEXT_KEYS = ("sampler", "num_inference_steps", "seed", "real_split", "bpd_split")
 _EVAL_KEY = re.compile(r"fid_.*|bits_per_dim|class_histogram|class_balance|classifier_confidence(_real)?")
 # Run bookkeeping the card states in its own words (the whole run's wall time comes from RunFacts.wall_time_s).
 _BOOKKEEPING_KEY = re.compile(r"global_step|wall_time.*")
@@ -69,16 +71,13 @@ class SamplingFacts:
         return f"{self.sampler}, {self.num_inference_steps} steps, {self.weights} weights, seed {self.seed}"
 
     def check(self, name: str, num_train_timesteps: int) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"{name}.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.weights not in WEIGHTS:
-            raise ValueError(f"{name}.weights must be one of {WEIGHTS}, got {self.weights!r}")
+        check_choice(f"{name}.sampler", self.sampler, SAMPLERS)
+        check_choice(f"{name}.weights", self.weights, WEIGHTS)
         steps = self.num_inference_steps
-        if not _is_int(steps) or not 1 <= steps <= num_train_timesteps:
+        if not is_int(steps) or not 1 <= steps <= num_train_timesteps:
             raise ValueError(f"{name}.num_inference_steps must be an int in [1, {num_train_timesteps}] (the saved "
                              f"scheduler's num_train_timesteps), got {steps!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"{name}.seed must be an int, got {self.seed!r}")
+        check_int(f"{name}.seed", self.seed, 0)
 
 
 @dataclass(kw_only=True)
@@ -124,7 +123,8 @@ class RunFacts:
         license: the license the user chose (a Hub license id), or None: no license is claimed.
         repo_id: the Hub repo id for the usage snippets; None shows the folder as ``./<name>``.
         grid: the sample grid, or None when none was saved.
-        metrics: training statistics (evaluation results, if present too, must match ``evaluation``).
+        metrics: training statistics (evaluation results in it are not shown: the card takes them from
+            ``evaluation``, and refuses them when that is None).
         evaluation: the evaluation, or None when none was run.
     """
 
@@ -167,10 +167,6 @@ class _AsciiCardData(ModelCardData):
 
 class _Card(ModelCard):
     card_data_class = _AsciiCardData
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def strip_secrets(training_args: dict[str, Any]) -> dict[str, Any]:
@@ -222,7 +218,7 @@ def _format_value(value: Any) -> str:
 
 
 def _format_duration(seconds: float) -> str:
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
+    if not is_finite_real(seconds) or seconds < 0:
         raise ValueError(f"wall_time_s must be a finite number of seconds >= 0, got {seconds!r}")
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -272,20 +268,26 @@ def read_saved_folder(output_dir: str | os.PathLike) -> SavedFolder:
     )
 
 
+def _saved_scheduler(folder: SavedFolder):
+    """ddpm_hf's (or diffusers') scheduler class the folder names, built from its saved config."""
+    from .schedulers.registry import scheduler_class
+
+    return scheduler_class(folder.scheduler_name).from_config(folder.scheduler_config)
+
+
 def default_sampling_steps(folder: SavedFolder) -> int:
-    """Steps the card's diffusers snippet uses: DDPM's full chain, else DDIM's usual 50 (never more than T)."""
-    if folder.scheduler_name == "DDPMScheduler":
-        return folder.num_train_timesteps
-    return min(50, folder.num_train_timesteps)
+    """Steps the card's diffusers snippet uses: the scheduler contract's default (DDPM: its full chain of
+    ``num_train_timesteps``; DDIM and multistep solvers: min(50, T)), so never more than the scheduler takes."""
+    from .schedulers.registry import contract_for
+
+    return contract_for(_saved_scheduler(folder)).default_num_inference_steps()
 
 
 def remote_code_reasons(folder: SavedFolder) -> list[str]:
-    """Why stock diffusers would sample the saved scheduler differently (ddpm_hf's ``stock_divergences``)."""
-    from . import schedulers
-    from .pipeline import stock_divergences
+    """Why stock diffusers would sample the saved scheduler differently (the scheduler contract's answer)."""
+    from .schedulers.registry import contract_for
 
-    cls = getattr(schedulers, folder.scheduler_name, None)
-    return stock_divergences(cls.from_config(folder.scheduler_config)) if cls is not None else []
+    return contract_for(_saved_scheduler(folder)).stock_divergences()
 
 
 # ---- the run -----------------------------------------------------------------------------------------------------
@@ -303,8 +305,7 @@ def _check_run(run: RunFacts, folder: SavedFolder, out: Path) -> None:
             raise ValueError(f"RunFacts.{name} must be a non-empty string, got {value!r}")
     if not isinstance(run.metrics, dict):
         raise TypeError(f"RunFacts.metrics must be a dict, got {type(run.metrics).__name__}")
-    if not _is_int(run.global_step) or run.global_step < 0:
-        raise ValueError(f"RunFacts.global_step must be an int >= 0, got {run.global_step!r}")
+    check_int("RunFacts.global_step", run.global_step, 0)
     if run.license is not None and (not isinstance(run.license, str) or not _LICENSE.fullmatch(run.license)):
         raise ValueError(f"RunFacts.license must be a Hub license id (e.g. 'apache-2.0', 'mit') or None, "
                          f"got {run.license!r}")
@@ -324,8 +325,7 @@ def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
     evaluation.check("RunFacts.evaluation", folder.num_train_timesteps)
     if not isinstance(evaluation.reference, str) or not evaluation.reference.strip():
         raise ValueError("RunFacts.evaluation.reference must name the real images evaluated against")
-    if not isinstance(evaluation.heldout, bool):
-        raise ValueError(f"RunFacts.evaluation.heldout must be a bool, got {evaluation.heldout!r}")
+    check_bool("RunFacts.evaluation.heldout", evaluation.heldout)
     if not evaluation.heldout and _HELD_OUT_WORDS.search(evaluation.reference):
         raise ValueError(f"RunFacts.evaluation.reference {evaluation.reference!r} calls the images held out, but "
                          "heldout is False")
@@ -334,7 +334,7 @@ def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
         raise ValueError("RunFacts.evaluation.results must be evaluate_pipeline's result (no metric found in it)")
     needed = [k for k in _COUNT_KEYS[:3] if any(n.startswith("fid_") or n.startswith("class") for n in results)]
     needed += ["num_bpd_images"] if "bits_per_dim" in results else []
-    missing = [k for k in needed if not _is_int(results.get(k))]
+    missing = [k for k in needed if not is_int(results.get(k))]
     if missing:
         raise ValueError(f"RunFacts.evaluation.results lacks the sample counts {missing} behind its metrics")
 
@@ -415,7 +415,7 @@ def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
     r = evaluation.results
     heldout = "held out: training never saw them" if evaluation.heldout else "training data: the model trained on them"
     rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_counts(k, r)))
-            for k, v in r.items() if k not in _COUNT_KEYS]
+            for k, v in r.items() if k not in _COUNT_KEYS + _CONTEXT_KEYS]
     return {
         "evaluated": True,
         "eval_reference": _inline(f"{evaluation.reference} ({heldout})"),
@@ -430,8 +430,8 @@ def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
 
 def _usage_vars(run: RunFacts, folder: SavedFolder, out: Path) -> dict[str, Any]:
     steps = default_sampling_steps(folder)
-    stock_text = (f"the full {steps}-step ancestral DDPM chain" if folder.scheduler_name == "DDPMScheduler"
-                  else f"{steps} steps of the saved {folder.scheduler_name}")
+    stock_text = (f"the full {steps}-step ancestral DDPM chain" if steps == folder.num_train_timesteps
+                  and folder.scheduler_name == "DDPMScheduler" else f"{steps} steps of the saved {folder.scheduler_name}")
     grid = run.grid
     saved_sampler = folder.scheduler_name.removesuffix("Scheduler")
     return {
@@ -448,9 +448,8 @@ def _usage_vars(run: RunFacts, folder: SavedFolder, out: Path) -> dict[str, Any]
 
 
 def _training_vars(run: RunFacts) -> dict[str, Any]:
-    eval_keys = set(run.evaluation.results) if run.evaluation else set()
     stats = [(_inline(k), _format_value(v)) for k, v in run.metrics.items()
-             if k not in eval_keys and k not in _COUNT_KEYS and not _BOOKKEEPING_KEY.fullmatch(k)]
+             if not (_EVAL_KEY.fullmatch(k) or _BOOKKEEPING_KEY.fullmatch(k) or k in _COUNT_KEYS + _CONTEXT_KEYS)]
     return {
         "split_text": _inline(run.train_split),
         "steps_text": str(run.global_step),
