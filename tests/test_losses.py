@@ -4,12 +4,14 @@ import math
 
 import pytest
 import torch
+from test_diffusion_math import _mp_log_bin_mass
 
 from ddpm_hf import diffusion_math as dm
 from ddpm_hf.losses import hybrid_loss, min_snr_weights, simple_loss, training_target, vlb_term
 
 T = 50
-ALPHAS = dm.alphas_cumprod_from_betas(dm.make_betas(T, 1e-4, 0.2))
+SCHEDULE = dm.NoiseSchedule.from_config({"num_train_timesteps": T, "beta_end": 0.2})
+ALPHAS = SCHEDULE.alphas_cumprod
 
 
 def _batch(seed=0, channels=1):
@@ -67,7 +69,7 @@ def test_simple_loss_is_float32_for_bf16_outputs_and_weighted_per_sample():
     torch.testing.assert_close(simple_loss(out, target, w), expected)
 
 
-def _independent_vlb(mean_out, var_out, x0, x_t, t):
+def _independent_vlb(mean_out, var_out, x0, x_t, t, prediction_type="epsilon"):
     """Per-sample L_t from torch.distributions and explicit eq. 6-7 / improved-DDPM eq. 15, in float64."""
     out = []
     for i in range(x0.shape[0]):
@@ -81,8 +83,13 @@ def _independent_vlb(mean_out, var_out, x0, x_t, t):
         log_post = math.log(post_var) if post_var > 0 else math.log(var_t1)
         frac = (var_out[i].double() + 1) / 2
         model_logvar = frac * math.log(beta) + (1 - frac) * log_post
-        eps = mean_out[i].double()
-        x0_hat = (x_t[i].double() - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        out_i, xt_i = mean_out[i].double(), x_t[i].double()
+        if prediction_type == "epsilon":  # DDPM eq. 15
+            x0_hat = (xt_i - math.sqrt(1 - a_t) * out_i) / math.sqrt(a_t)
+        elif prediction_type == "sample":
+            x0_hat = out_i
+        else:  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022), with x_t = sqrt(a) x0 + sqrt(1 - a) eps
+            x0_hat = math.sqrt(a_t) * xt_i - math.sqrt(1 - a_t) * out_i
 
         def post_mean(x_start):
             return (math.sqrt(a_prev) * beta / (1 - a_t)) * x_start + (
@@ -91,11 +98,9 @@ def _independent_vlb(mean_out, var_out, x0, x_t, t):
         model_mean = post_mean(x0_hat)
         if ti == 0:
             std = (0.5 * model_logvar).exp()
-            n = torch.distributions.Normal(model_mean, std)
-            xi = x0[i].double()
-            hi = torch.where(xi > 0.999, torch.ones_like(xi), n.cdf(xi + 1 / 255))
-            lo = torch.where(xi < -0.999, torch.zeros_like(xi), n.cdf(xi - 1 / 255))
-            out.append(-(hi - lo).log().mean() / math.log(2))
+            nll = [-_mp_log_bin_mass(x, m, s) for x, m, s in zip(x0[i].flatten().tolist(),
+                                                                 model_mean.flatten().tolist(), std.flatten().tolist())]
+            out.append(torch.tensor(nll, dtype=torch.float64).mean() / math.log(2))
         else:
             q = torch.distributions.Normal(post_mean(x0[i].double()), math.exp(0.5 * log_post))
             p = torch.distributions.Normal(model_mean, (0.5 * model_logvar).exp())
@@ -103,15 +108,17 @@ def _independent_vlb(mean_out, var_out, x0, x_t, t):
     return torch.stack(out)
 
 
-def test_vlb_term_matches_independent_computation():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_vlb_term_matches_independent_computation(prediction_type):
     x0, noise, t = _batch(3)
     x0 = (x0 * 127.5).round() / 127.5  # on the 256-level grid the decoder likelihood assumes
     x_t = dm.q_sample(x0, noise, ALPHAS[t])
     g = torch.Generator().manual_seed(4)
-    mean_out = noise + 0.3 * torch.randn(noise.shape, generator=g)
+    target = training_target(x0, noise, ALPHAS[t], prediction_type)
+    mean_out = target + 0.3 * torch.randn(noise.shape, generator=g)
     var_out = torch.rand(noise.shape, generator=g) * 2 - 1
-    ours = vlb_term(mean_out, var_out, x0, x_t, t, ALPHAS, "epsilon")
-    ref = _independent_vlb(mean_out, var_out, x0, x_t, t)
+    ours = vlb_term(mean_out, var_out, x0, x_t, t, SCHEDULE, prediction_type)
+    ref = _independent_vlb(mean_out, var_out, x0, x_t, t, prediction_type)
     torch.testing.assert_close(ours.double(), ref, rtol=2e-4, atol=1e-5)
 
 
@@ -121,19 +128,21 @@ def test_hybrid_loss_stops_the_vlb_gradient_at_the_mean():
     g = torch.Generator().manual_seed(6)
     output = torch.cat([noise + 0.2 * torch.randn(noise.shape, generator=g),
                         torch.rand(noise.shape, generator=g) * 2 - 1], 1).requires_grad_()
-    hybrid_loss(output, x0, noise, x_t, t, ALPHAS, "epsilon").backward()
+    hybrid_loss(output, x0, noise, x_t, t, SCHEDULE, "epsilon").backward()
     mean_only = output.detach()[:, :2].clone().requires_grad_()
     simple_loss(mean_only, noise).backward()
     # The mean channels get exactly the L_simple gradient; the variance channels get the (nonzero) VLB one.
     torch.testing.assert_close(output.grad[:, :2], mean_only.grad)
     assert output.grad[:, 2:].abs().sum() > 0
-    loss = hybrid_loss(output.detach(), x0, noise, x_t, t, ALPHAS, "epsilon")
+    loss = hybrid_loss(output.detach(), x0, noise, x_t, t, SCHEDULE, "epsilon")
     expected = simple_loss(output.detach()[:, :2], noise) + 0.001 * T * vlb_term(
-        output.detach()[:, :2], output.detach()[:, 2:], x0, x_t, t, ALPHAS, "epsilon").mean()
+        output.detach()[:, :2], output.detach()[:, 2:], x0, x_t, t, SCHEDULE, "epsilon").mean()
     torch.testing.assert_close(loss, expected)
 
 
 def test_hybrid_loss_names_the_channel_problem():
     x0, noise, t = _batch()
     with pytest.raises(ValueError, match="learned_range.*2 \\* 1 output channels"):
-        hybrid_loss(torch.zeros(4, 1, 4, 4), x0, noise, x0, t, ALPHAS, "epsilon")
+        hybrid_loss(torch.zeros(4, 1, 4, 4), x0, noise, x0, t, SCHEDULE, "epsilon")
+    with pytest.raises(TypeError, match="NoiseSchedule, got Tensor"):
+        hybrid_loss(torch.zeros(4, 2, 4, 4), x0, noise, x0, t, ALPHAS, "epsilon")

@@ -156,7 +156,7 @@ class NoiseSchedule:
 
     def alpha_prod_prev(self, t: torch.Tensor | int) -> torch.Tensor:
         """bar(alpha)_{t-1} per entry of ``t``, with bar(alpha)_{-1} = 1 (float64, ``t``'s shape)."""
-        t = torch.as_tensor(t).long()
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
         prev = self.alphas_cumprod[(t - 1).clamp(min=0)]
         return torch.where(t > 0, prev, torch.ones_like(prev))
 
@@ -169,7 +169,7 @@ class NoiseSchedule:
         """
         if self.num_train_timesteps < 2:
             raise ValueError("the clipped posterior log-variance needs num_train_timesteps >= 2")
-        t = torch.as_tensor(t).long()
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
         min_log, max_log = posterior_log_variance_bounds(self.alphas_cumprod[t], self.alpha_prod_prev(t))
         at_one = posterior_log_variance_bounds(self.alphas_cumprod[1], self.alphas_cumprod[0])[0]
         return torch.where(t > 0, min_log, at_one), max_log
@@ -383,6 +383,24 @@ def learned_range_log_variance(model_var_values: torch.Tensor, min_log: Alpha, m
     return frac * max_log + (1 - frac) * min_log
 
 
+def model_log_variance(variance_type: str, var_values: torch.Tensor | None, min_log: torch.Tensor,
+                       max_log: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """log Sigma_theta(x_t, t) in ``like``'s dtype, from ``NoiseSchedule.log_variance_bounds(t)``.
+
+    fixed_small*: log beta_tilde_t; fixed_large*: log beta_t, except log beta_tilde_1 at t = 0 (improved-diffusion's
+    table ``append(posterior_variance[1], betas[1:])``); learned: the output is the log variance (as ddpm_hf's
+    DDPMScheduler reads it); learned_range: improved DDPM eq. 15 between log beta_tilde_t and log beta_t.
+    """
+    if variance_type not in ("learned", "learned_range"):
+        max_log = torch.where(t > 0, max_log, min_log)
+        return as_alpha(fixed_log_variance(variance_type, min_log, max_log), like)
+    if var_values is None:
+        raise ValueError(f"variance_type {variance_type!r} needs a network with 2 * in_channels output channels")
+    if variance_type == "learned":
+        return var_values
+    return learned_range_log_variance(var_values, as_alpha(min_log, like), as_alpha(max_log, like))
+
+
 def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3), per sample, in float32 or wider."""
     dtype = x0.dtype
@@ -399,11 +417,6 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Phi(x), exact through erf (float64 keeps the tails usable)."""
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -442,3 +455,45 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     log_left_edge = torch.special.log_ndtr(upper)
     log_right_edge = torch.special.log_ndtr(-lower)
     return torch.where(x < -0.999, log_left_edge, torch.where(x > 0.999, log_right_edge, log_interior))
+
+
+def bits_per_dim(nats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample mean over all but the first dimension, cast to ``dtype``, in bits (nats / log 2)."""
+    return nats.flatten(1).mean(1).to(dtype) / math.log(2.0)
+
+
+def vb_terms_bpd(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
+                 mean_output: torch.Tensor, var_values: torch.Tensor | None, prediction_type: str,
+                 variance_type: str, clip_denoised: bool = False) -> torch.Tensor:
+    """One term L_t of the variational bound per sample, in bits per dimension (DDPM eq. 5).
+
+    t > 0: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) between the true posterior (DDPM eq. 6-7) and the
+    model's Gaussian, whose mean is eq. 7's mu_tilde at the predicted x_0 (eq. 15 for an eps network) and whose
+    variance is ``model_log_variance``; t = 0: the discretised decoder's -log p_theta(x_0 | x_1) (eq. 13). The
+    counterpart of improved-diffusion's ``_vb_terms_bpd``, shared by the hybrid loss and the likelihood.
+
+    Args:
+        schedule: the float64 noise schedule.
+        x0, x_t: clean images on the 8-bit grid in [-1, 1] and their noised versions; the arithmetic runs in
+            ``x_t``'s dtype (float64 coefficients cast to it), the decoder in float64.
+        t: the training step, an int or one per sample.
+        mean_output: the network's first C channels (eps / x_0 / v); the hybrid loss passes it detached.
+        var_values: the network's last C channels (``learned*`` variance types), else None.
+        prediction_type, variance_type: how to read the two outputs.
+        clip_denoised: clip the predicted x_0 to [-1, 1] before forming the mean.
+
+    Returns:
+        ``(B,)`` bits per dimension in ``x_t``'s dtype.
+    """
+    t = torch.as_tensor(t, device=schedule.alphas_cumprod.device).long()
+    a_t, a_prev = schedule.alphas_cumprod[t], schedule.alpha_prod_prev(t)
+    min_log, max_log = schedule.log_variance_bounds(t)
+    x0_hat = predict_x0(mean_output, x_t, a_t, prediction_type)
+    if clip_denoised:
+        x0_hat = x0_hat.clamp(-1, 1)
+    model_mean = q_posterior_mean(x0_hat, x_t, a_t, a_prev)
+    model_log_var = model_log_variance(variance_type, var_values, min_log, max_log, t, x_t)
+    true_mean = q_posterior_mean(x0, x_t, a_t, a_prev)
+    kl = normal_kl(true_mean, as_alpha(min_log, x_t), model_mean, model_log_var)
+    decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+    return torch.where(t.to(x_t.device) == 0, bits_per_dim(decoder_nll, x_t.dtype), bits_per_dim(kl, x_t.dtype))

@@ -6,8 +6,6 @@ float64 core in `ddpm_hf.diffusion_math`), so bf16/fp16 training only changes th
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import diffusion_math as dm
@@ -63,50 +61,29 @@ def simple_loss(model_output: torch.Tensor, target: torch.Tensor, weights: torch
 
 
 def vlb_term(mean_output: torch.Tensor, var_values: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
-             timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Per-sample L_t of the variational bound in bits per dimension (DDPM eq. 5; improved DDPM sec. 2).
+             timesteps: torch.Tensor, schedule: dm.NoiseSchedule, prediction_type: str) -> torch.Tensor:
+    """Per-sample L_t of the variational bound in bits per dimension, for a learned_range network, in float32.
 
-    L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the discretized Gaussian decoder NLL
-    -log p(x_0 | x_1) (DDPM eq. 13) for t = 0. The caller passes a detached ``mean_output`` so that this term
-    trains only the variance (improved DDPM, sec. 3.1: stop-gradient on the mean).
+    ``dm.vb_terms_bpd`` (DDPM eq. 5-7, 13; improved DDPM eq. 15). The caller passes a detached ``mean_output`` so
+    that this term trains only the variance (improved DDPM, sec. 3.1: stop-gradient on the mean).
 
     Args:
         mean_output: the network's first C channels (eps / x_0 / v), detached.
         var_values: the network's last C channels, in [-1, 1] (learned_range).
         x0, x_t: clean and noised images.
         timesteps: int64 t per sample.
-        alphas_cumprod: the float64 bar(alpha) table.
+        schedule: the float64 noise schedule.
         prediction_type: how to read ``mean_output``.
 
     Returns:
         A float32 tensor with one value per sample.
     """
-    table = alphas_cumprod.double()
-    t = timesteps.to(table.device).long()
-    a_t = table[t]
-    a_prev = torch.where(t > 0, table[(t - 1).clamp(min=0)], torch.ones_like(a_t))
-    # log beta_tilde is -inf at t = 0; like improved-diffusion's posterior_log_variance_clipped, use t = 1's value.
-    min_log, max_log = dm.posterior_log_variance_bounds(a_t, a_prev)
-    if table.numel() > 1:
-        min_log = torch.where(t > 0, min_log, dm.posterior_log_variance_bounds(table[1], table[0])[0])
-
-    x0_f, x_t_f = x0.float(), x_t.float()
-    pred_x0 = dm.predict_x0(mean_output.float(), x_t_f, a_t, prediction_type)
-    model_mean = dm.q_posterior_mean(pred_x0, x_t_f, a_t, a_prev)
-    model_log_var = dm.learned_range_log_variance(var_values.float(), dm.as_alpha(min_log, x_t_f),
-                                                  dm.as_alpha(max_log, x_t_f))
-    true_mean = dm.q_posterior_mean(x0_f, x_t_f, a_t, a_prev)
-    true_log_var = dm.as_alpha(min_log, true_mean)
-
-    kl = dm.normal_kl(true_mean, true_log_var, model_mean, model_log_var)
-    kl = kl.flatten(1).mean(1) / math.log(2.0)
-    decoder_nll = -dm.discretized_gaussian_log_likelihood(x0_f, model_mean, 0.5 * model_log_var)
-    decoder_nll = decoder_nll.flatten(1).mean(1).float() / math.log(2.0)
-    return torch.where(t.to(kl.device) == 0, decoder_nll, kl)
+    return dm.vb_terms_bpd(schedule, x0.float(), x_t.float(), timesteps, mean_output.float(), var_values.float(),
+                           prediction_type, "learned_range")
 
 
 def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, x_t: torch.Tensor,
-                timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str,
+                timesteps: torch.Tensor, schedule: dm.NoiseSchedule, prediction_type: str,
                 vlb_weight: float = HYBRID_VLB_WEIGHT, weights: torch.Tensor | None = None) -> torch.Tensor:
     """L_hybrid = L_simple + lambda * L_vlb for a learned_range network with 2C output channels.
 
@@ -117,7 +94,7 @@ def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tenso
         model_output: ``(B, 2C, H, W)``: the mean prediction, then the variance interpolation values.
         x0, noise, x_t: clean images, the eps that noised them, and the noised images.
         timesteps: t per sample.
-        alphas_cumprod: the float64 bar(alpha) table.
+        schedule: the float64 noise schedule (``dm.NoiseSchedule.from_config(scheduler.config)``).
         prediction_type: target of the first C channels.
         vlb_weight: lambda.
         weights: optional per-sample weights of the L_simple term (min-SNR).
@@ -125,6 +102,9 @@ def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tenso
     Returns:
         The scalar float32 loss.
     """
+    if not isinstance(schedule, dm.NoiseSchedule):
+        raise TypeError(f"hybrid_loss needs schedule: a ddpm_hf.diffusion_math.NoiseSchedule, got "
+                        f"{type(schedule).__name__}")
     channels = x0.shape[1]
     if model_output.shape[1] != 2 * channels:
         raise ValueError(
@@ -132,7 +112,8 @@ def hybrid_loss(model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tenso
             f"got {model_output.shape[1]}"
         )
     mean_output, var_values = model_output[:, :channels], model_output[:, channels:]
-    a_t = alphas_cumprod.double()[timesteps.to(alphas_cumprod.device).long()]
+    alphas_cumprod = schedule.alphas_cumprod
+    a_t = alphas_cumprod[timesteps.to(alphas_cumprod.device).long()]
     mse = simple_loss(mean_output, training_target(x0, noise, a_t, prediction_type), weights)
-    vlb = vlb_term(mean_output.detach(), var_values, x0, x_t, timesteps, alphas_cumprod, prediction_type)
-    return mse + vlb_weight * alphas_cumprod.numel() * vlb.mean()
+    vlb = vlb_term(mean_output.detach(), var_values, x0, x_t, timesteps, schedule, prediction_type)
+    return mse + vlb_weight * schedule.num_train_timesteps * vlb.mean()
