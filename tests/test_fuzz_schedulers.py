@@ -35,10 +35,12 @@ def assert_names(error, *names):
 
 
 def assert_sane(scheduler):
-    betas, alphas_cumprod = scheduler.betas, scheduler.alphas_cumprod
-    assert torch.isfinite(betas).all() and (betas > 0).all() and (betas <= 1).all()
-    assert (alphas_cumprod >= 0).all() and (alphas_cumprod <= 1).all()
-    assert (alphas_cumprod[1:] <= alphas_cumprod[:-1]).all()
+    schedule = scheduler.noise_schedule
+    for betas, alphas_cumprod in ((schedule.betas, schedule.alphas_cumprod), (scheduler.betas, scheduler.alphas_cumprod)):
+        assert torch.isfinite(betas).all() and (betas > 0).all() and (betas <= 1).all()
+        assert (alphas_cumprod >= 0).all() and (alphas_cumprod <= 1).all()
+        assert (alphas_cumprod[1:] <= alphas_cumprod[:-1]).all()
+    assert scheduler.betas.dtype == scheduler.alphas_cumprod.dtype == torch.float32
     num_train = scheduler.config.num_train_timesteps
     try:
         scheduler.set_timesteps(min(3, num_train))

@@ -39,7 +39,8 @@ def test_config_interchange_both_ways(cls, ref, tmp_path):
     assert type(theirs) is ref and {k: theirs.config[k] for k in cfg} == cfg
     back = cls.from_config(theirs.config)
     assert type(back) is cls and {k: back.config[k] for k in cfg} == cfg
-    torch.testing.assert_close(back.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=1e-5, atol=0)
+    assert torch.equal(back.alphas_cumprod, theirs.alphas_cumprod)  # the public table is diffusers' own
+    torch.testing.assert_close(back.noise_schedule.alphas_cumprod.float(), theirs.alphas_cumprod, rtol=1e-5, atol=0)
 
     ours.save_pretrained(tmp_path / "ours")
     saved = json.loads((tmp_path / "ours" / "scheduler_config.json").read_text())
@@ -68,18 +69,20 @@ def test_trained_betas_round_trip(tmp_path):
     s = DDPMScheduler(num_train_timesteps=10, trained_betas=betas)
     s.save_pretrained(tmp_path)
     loaded = DDPMScheduler.from_pretrained(tmp_path)
-    assert torch.equal(loaded.betas, torch.tensor(betas, dtype=torch.float64))
+    assert torch.equal(loaded.noise_schedule.betas, torch.tensor(betas, dtype=torch.float64))
+    assert torch.equal(loaded.betas, torch.tensor(betas, dtype=torch.float32))
 
 
-def test_schedule_tables_are_float64_and_never_moved():
+def test_schedule_tables_are_never_moved_and_the_maths_table_is_float64():
     s = DDPMScheduler()
-    table = s.alphas_cumprod
-    assert table.dtype == torch.float64 and s.betas.dtype == torch.float64
+    table, exact = s.alphas_cumprod, s.noise_schedule.alphas_cumprod
+    assert table.dtype == torch.float32 and exact.dtype == s.noise_schedule.betas.dtype == torch.float64
     x = torch.randn(2, 1, 2, 2, dtype=torch.float16)
     noisy = s.add_noise(x, x, torch.tensor([10, 900]))
     velocity = s.get_velocity(x, x, torch.tensor([10, 900]))
     assert noisy.dtype == velocity.dtype == torch.float16
-    assert s.alphas_cumprod is table and table.dtype == torch.float64 and table.device.type == "cpu"
+    assert s.alphas_cumprod is table and table.dtype == torch.float32 and table.device.type == "cpu"
+    assert s.noise_schedule.alphas_cumprod is exact and exact.device.type == "cpu"
     # per call in float64: a scalar timestep broadcasts too
     torch.testing.assert_close(s.add_noise(x.float(), x.float(), 5), s.add_noise(x.float(), x.float(), torch.tensor([5, 5])))
 

@@ -33,7 +33,7 @@ def test_previous_timestep_comes_from_the_table(spacing, n):
     assert table == theirs.timesteps.tolist()
     t, nxt = table[0], table[1]
     x, eps = sample(0), sample(1)
-    ac = ours.alphas_cumprod
+    ac = ours.noise_schedule.alphas_cumprod
     expect = ddim_formula(x, eps, ac[t].item(), ac[nxt].item())
     got = ours.step(eps, ours.timesteps[0], x).prev_sample
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5)
@@ -47,10 +47,12 @@ def test_last_step_lands_on_final_alpha():
         s = DDIMScheduler(set_alpha_to_one=alpha_one, timestep_spacing="trailing", clip_sample=False)
         s.set_timesteps(10)
         x, eps = sample(0), sample(1)
-        final = 1.0 if alpha_one else s.alphas_cumprod[0].item()
-        assert s.final_alpha_cumprod.dtype == torch.float64 and s.final_alpha_cumprod.item() == final
+        final = 1.0 if alpha_one else s.noise_schedule.alphas_cumprod[0].item()
+        assert s.final_alpha_cumprod_float64.dtype == torch.float64 and s.final_alpha_cumprod_float64.item() == final
+        stock = diffusers.DDIMScheduler(set_alpha_to_one=alpha_one).final_alpha_cumprod
+        assert s.final_alpha_cumprod.dtype == stock.dtype == torch.float32 and torch.equal(s.final_alpha_cumprod, stock)
         got = s.step(eps, 99, x).prev_sample
-        torch.testing.assert_close(got.double(), ddim_formula(x, eps, s.alphas_cumprod[99].item(), final),
+        torch.testing.assert_close(got.double(), ddim_formula(x, eps, s.noise_schedule.alphas_cumprod[99].item(), final),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -89,7 +91,7 @@ def test_inverse_step_is_undone_by_step(prediction_type):
     s = DDIMScheduler(prediction_type=prediction_type, clip_sample=False)
     s.set_timesteps(timesteps=[700, 300])
     x, eps = sample(0), sample(1)
-    a_300, a_700 = s.alphas_cumprod[300].item(), s.alphas_cumprod[700].item()
+    a_300, a_700 = s.noise_schedule.alphas_cumprod[300].item(), s.noise_schedule.alphas_cumprod[700].item()
     # the model output that encodes the same eps at each level
     x0 = (x.double() - math.sqrt(1 - a_300) * eps.double()) / math.sqrt(a_300)
 
@@ -114,12 +116,12 @@ def test_inverse_step_from_clean_data():
     s = DDIMScheduler()
     for timestep in (-1, None, torch.tensor(-1)):
         out = s.inverse_step(eps, timestep, x0, 400, return_dict=False)
-        a = s.alphas_cumprod[400].item()
+        a = s.noise_schedule.alphas_cumprod[400].item()
         torch.testing.assert_close(out[0].double(), math.sqrt(a) * x0.double() + math.sqrt(1 - a) * eps.double(),
                                    rtol=1e-6, atol=1e-6)
         assert torch.equal(out[1], x0)
     not_one = DDIMScheduler(set_alpha_to_one=False, prediction_type="sample")
-    a0, a = not_one.alphas_cumprod[0].item(), not_one.alphas_cumprod[400].item()
+    a0, a = (not_one.noise_schedule.alphas_cumprod[i].item() for i in (0, 400))
     x_clean = math.sqrt(a0) * x0.double() + math.sqrt(1 - a0) * eps.double()
     up = not_one.inverse_step(x0, -1, x_clean.float(), 400).prev_sample
     torch.testing.assert_close(up.double(), math.sqrt(a) * x0.double() + math.sqrt(1 - a) * eps.double(),
@@ -161,7 +163,7 @@ def test_variance_noise_is_used_as_given():
     x, eps, z = sample(0), sample(1), sample(2)
     base = s.step(eps, 900, x, eta=0.0).prev_sample
     noisy = s.step(eps, 900, x, eta=0.5, variance_noise=z).prev_sample
-    a_t, a_p = s.alphas_cumprod[900].item(), s.alphas_cumprod[800].item()
+    a_t, a_p = s.noise_schedule.alphas_cumprod[900].item(), s.noise_schedule.alphas_cumprod[800].item()
     sigma = 0.5 * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
     x0 = (x.double() - math.sqrt(1 - a_t) * eps.double()) / math.sqrt(a_t)
     expect = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma**2) * eps.double() + sigma * z.double()

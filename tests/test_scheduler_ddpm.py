@@ -39,12 +39,12 @@ def test_respaced_step_uses_beta_of_the_visited_pair():
     x, eps = sample(0), sample(1)
     mean = s.step(eps, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    a_t, a_p = s.alphas_cumprod[t].item(), s.alphas_cumprod[prev].item()
+    a_t, a_p = s.noise_schedule.alphas_cumprod[t].item(), s.noise_schedule.alphas_cumprod[prev].item()
     beta = 1 - a_t / a_p
     x0 = (x.double() - math.sqrt(1 - a_t) * eps.double()) / math.sqrt(a_t)
     expect = math.sqrt(a_p) * beta / (1 - a_t) * x0 + math.sqrt(1 - beta) * (1 - a_p) / (1 - a_t) * x.double()
     torch.testing.assert_close(mean.double(), expect + math.sqrt(beta) * noise.double(), rtol=1e-5, atol=1e-5)
-    assert beta > 10 * s.betas[t].item()
+    assert beta > 10 * s.noise_schedule.betas[t].item()
 
 
 @pytest.mark.parametrize("variance_type", ["fixed_large", "learned_range"])

@@ -109,8 +109,9 @@ def formula_ddim_step(out, x, a_t, a_prev, cfg, noise, eta, use_clipped):
 def formula_step(sched, out, x, t, prev, generator, step_kwargs):
     """The exact float64 step of ``sched``'s config from (out, x) at t to prev, drawing noise like the scheduler."""
     cfg = dict(sched.config)
-    a_t = float(sched.alphas_cumprod[t])
-    a_prev = float(sched.alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+    alphas_cumprod = sched.noise_schedule.alphas_cumprod  # float64: the public tables are diffusers' float32
+    a_t = float(alphas_cumprod[t])
+    a_prev = float(alphas_cumprod[prev]) if prev >= 0 else float(sched.final_alpha_cumprod_float64)
 
     def noise():
         return randn_tensor(x.shape, generator=generator, dtype=x.dtype).double()

@@ -19,6 +19,9 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from .. import diffusion_math as dm
 from ..timestep_spacing import TIMESTEP_SPACINGS, check_custom_timesteps, make_timesteps
 from ..validation import check_bool, check_choice, check_int, check_real, is_bool, is_int
+from .contract import Generator, build_step_kwargs, inference_arguments
+from .public_tables import public_tables
+from .stock_equivalence import stock_divergences
 
 
 def check_step_inputs(model_output: Any, sample: Any, generator: Any, variance_noise: Any = None) -> None:
@@ -91,10 +94,13 @@ def check_schedule(alphas_cumprod: torch.Tensor, zero_terminal_snr: bool) -> Non
 class TableScheduler(SchedulerMixin, ConfigMixin):
     """Base of the two schedulers: a float64 schedule plus a descending table of timesteps to visit.
 
-    Public state, as in diffusers: ``betas``, ``alphas``, ``alphas_cumprod`` (float64, CPU, never moved),
-    ``final_alpha_cumprod`` (the bar(alpha) a step to "before t = 0" lands on), ``timesteps`` (int64),
-    ``num_inference_steps``, ``custom_timesteps``, ``init_noise_sigma``.
+    Public state, as in diffusers: ``betas``, ``alphas``, ``alphas_cumprod``, ``final_alpha_cumprod`` (the
+    bar(alpha) a step to "before t = 0" lands on) and ``one``, float32 on CPU exactly as diffusers builds them and
+    never moved; ``timesteps`` (int64), ``num_inference_steps``, ``custom_timesteps``, ``init_noise_sigma``. Our
+    maths reads only the float64 ``noise_schedule`` and ``final_alpha_cumprod_float64``.
     """
+
+    stock_class_name: str  # the diffusers class a saved folder records; set by each subclass
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
@@ -119,22 +125,30 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         check_real("sample_max_value", cfg.sample_max_value, 0.0, math.inf, high_open=True)
         check_int("steps_offset", cfg.steps_offset, 0)
 
-        betas = dm.make_betas(
-            cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.trained_betas
-        )
-        if cfg.rescale_betas_zero_snr:
-            betas = dm.rescale_zero_terminal_snr(betas)
-        self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alphas_cumprod = dm.alphas_cumprod_from_betas(betas)
-        check_schedule(self.alphas_cumprod, cfg.rescale_betas_zero_snr)
-        final = 1.0 if final_alpha_is_one else self.alphas_cumprod[0].item()
-        self.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
+        # One float64 schedule for all our maths; the public tables are diffusers' float32 ones (public_tables.py).
+        self._noise_schedule = dm.NoiseSchedule.from_config(cfg)
+        alphas_cumprod = self._noise_schedule.alphas_cumprod
+        check_schedule(alphas_cumprod, cfg.rescale_betas_zero_snr)
+        final = 1.0 if final_alpha_is_one else alphas_cumprod[0].item()
+        self._final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
+        for name, table in public_tables(self.stock_class_name, cfg, self._noise_schedule,
+                                         self._final_alpha_cumprod).items():
+            setattr(self, name, table)
         self.init_noise_sigma = 1.0
         self._alphas_cumprod_by_device: dict[torch.device, torch.Tensor] = {}
         self.num_inference_steps: int | None = None
         self.custom_timesteps = False
         self._set_table(list(range(cfg.num_train_timesteps - 1, -1, -1)), None)
+
+    @property
+    def noise_schedule(self) -> dm.NoiseSchedule:
+        """The float64 schedule (betas and bar(alpha)) every computation of this scheduler uses."""
+        return self._noise_schedule
+
+    @property
+    def final_alpha_cumprod_float64(self) -> torch.Tensor:
+        """float64 bar(alpha) "before t = 0": 1.0, or bar(alpha)_0 for DDIM with ``set_alpha_to_one=False``."""
+        return self._final_alpha_cumprod
 
     # ---- timestep table -----------------------------------------------------------------------------------------
 
@@ -174,8 +188,9 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         """float64 bar(alpha) at each table entry and at the entry visited next (the final alpha after the last)."""
         t = torch.tensor(self._table)
         prev = torch.tensor(self._prev_table)
-        a_prev = torch.where(prev >= 0, self.alphas_cumprod[prev.clamp(min=0)], self.final_alpha_cumprod)
-        return self.alphas_cumprod[t], a_prev
+        alphas_cumprod = self._noise_schedule.alphas_cumprod
+        a_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], self._final_alpha_cumprod)
+        return alphas_cumprod[t], a_prev
 
     def _step_index(self, timestep: int | torch.Tensor) -> int:
         """Position of ``timestep`` in the table; no device read when it is a view of ``self.timesteps``."""
@@ -215,6 +230,47 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
                 f"t={t} (timestep_spacing='leading' or custom timesteps)."
             )
 
+    # ---- the scheduler contract (contract.py) --------------------------------------------------------------------
+
+    _STEP_KEYWORDS: frozenset[str] = frozenset()  # the optional keywords this class's step takes; set by subclasses
+
+    def default_num_inference_steps(self) -> int:
+        """The step count used when the caller gives none (set by each subclass)."""
+        raise NotImplementedError
+
+    def set_inference_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        timesteps: Sequence[int] | None = None,
+        device: str | torch.device | None = None,
+    ) -> torch.Tensor:
+        """``set_timesteps`` with the pipeline's argument checks and this scheduler's default step count.
+
+        Args:
+            num_inference_steps: a positive int, or None for ``default_num_inference_steps()``.
+            timesteps: a custom descending list instead of ``num_inference_steps``.
+            device: where the table lives.
+
+        Returns:
+            ``self.timesteps``.
+        """
+        steps, custom = inference_arguments(num_inference_steps, timesteps, self.default_num_inference_steps(),
+                                            True, type(self).__name__)
+        self.set_timesteps(steps, device=device, timesteps=custom)
+        return self.timesteps
+
+    def step_kwargs(self, *, eta: float = 0.0, use_clipped_model_output: bool | None = None,
+                    generator: Generator = None) -> dict[str, Any]:
+        """The validated keyword arguments for ``step`` (see ``contract.build_step_kwargs``)."""
+        return build_step_kwargs(self._STEP_KEYWORDS, type(self).__name__, eta, use_clipped_model_output, generator)
+
+    def stock_divergences(self) -> list[str]:
+        """Why stock diffusers' ``stock_class_name`` would sample this config differently ([] if it would not).
+
+        Decided by running stock diffusers on the config (``stock_equivalence.py``); cached per config.
+        """
+        return stock_divergences(self)
+
     # ---- x_0 and the forward process ----------------------------------------------------------------------------
 
     def _limit_x0(self, x0: torch.Tensor) -> torch.Tensor:
@@ -230,10 +286,11 @@ class TableScheduler(SchedulerMixin, ConfigMixin):
         return x0
 
     def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
-        """A cached copy of ``alphas_cumprod`` on ``device`` (float32 on MPS, which lacks float64)."""
+        """A cached copy of the float64 bar(alpha) on ``device`` (float32 on MPS, which lacks float64)."""
         if device not in self._alphas_cumprod_by_device:
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            self._alphas_cumprod_by_device[device] = self.alphas_cumprod.to(device=device, dtype=dtype)
+            table = self._noise_schedule.alphas_cumprod
+            self._alphas_cumprod_by_device[device] = table.to(device=device, dtype=dtype)
         return self._alphas_cumprod_by_device[device]
 
     def _alpha_at(self, timesteps: int | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -66,6 +66,9 @@ class DDIMScheduler(TableScheduler):
         rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (Lin et al. 2024, Algorithm 1).
     """
 
+    stock_class_name = "DDIMScheduler"
+    _STEP_KEYWORDS = frozenset({"eta", "use_clipped_model_output", "generator"})
+
     @register_to_config
     def __init__(
         self,
@@ -87,6 +90,10 @@ class DDIMScheduler(TableScheduler):
     ):
         check_bool("set_alpha_to_one", set_alpha_to_one)
         self._init_schedule(final_alpha_is_one=set_alpha_to_one)
+
+    def default_num_inference_steps(self) -> int:
+        """50 steps (diffusers' DDIMPipeline default; DDIM Table 1 reports S = 10 to 1000), at most T."""
+        return min(50, self.config.num_train_timesteps)
 
     def _step_coefficients(self, eta: float) -> list[_StepCoefficients]:
         """Per-table-step coefficients for ``eta``, computed once per (table, eta) in float64 by the maths core."""
@@ -158,7 +165,7 @@ class DDIMScheduler(TableScheduler):
         low = -1 if allow_clean else 0
         if not low <= t < self.config.num_train_timesteps:
             raise ValueError(f"{name} must be in [{low}, num_train_timesteps={self.config.num_train_timesteps}), got {t}")
-        return t, (self.final_alpha_cumprod if t < 0 else self.alphas_cumprod[t])
+        return t, (self._final_alpha_cumprod if t < 0 else self._noise_schedule.alphas_cumprod[t])
 
     def inverse_step(
         self,

@@ -61,6 +61,9 @@ class DDPMScheduler(TableScheduler):
         rescale_betas_zero_snr: rescale the schedule to zero terminal SNR (Lin et al. 2024, Algorithm 1).
     """
 
+    stock_class_name = "DDPMScheduler"
+    _STEP_KEYWORDS = frozenset({"generator"})
+
     @register_to_config
     def __init__(
         self,
@@ -84,6 +87,10 @@ class DDPMScheduler(TableScheduler):
         self.variance_type = variance_type
         # The step "before t = 0" lands on clean data: bar(alpha) = 1 (DDPM Algorithm 2).
         self._init_schedule(final_alpha_is_one=True)
+
+    def default_num_inference_steps(self) -> int:
+        """The full chain, T steps (DDPM Algorithm 2), as diffusers' DDPMPipeline."""
+        return self.config.num_train_timesteps
 
     def _step_coefficients(self) -> list[_StepCoefficients]:
         """Per-table-step coefficients, computed once per table in float64 by the maths core."""
