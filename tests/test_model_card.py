@@ -15,6 +15,7 @@ from PIL import Image
 import ddpm_hf
 from ddpm_hf.data import DIGITS_NAME
 from ddpm_hf.model_card import TEMPLATE_PATH, EvalFacts, GridFacts, RunFacts, strip_secrets, write_model_card
+from ddpm_hf.schedulers.registry import contract_for
 
 TOKEN = "hf_" + "Kp4" * 12
 ARGS = {
@@ -110,7 +111,10 @@ def test_remote_code_folder_says_so_and_why(saved, tmp_path):
     assert "no remote code" not in body.lower() and "from diffusers import DDPMPipeline" not in body
     assert "DiffusionPipeline.from_pretrained('alice/ddpm-digits', trust_remote_code=True)" in body
     assert "pipeline_ddpm_hf.py" in body and "pip install ddpm_hf" in body
-    assert "fixed_large_log" in body and "14569" in body  # the recorded reason, with the diffusers issue
+    # the reasons the scheduler contract gives for the saved config, all named on the card
+    saved = ddpm_hf.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    reasons = contract_for(saved).stock_divergences()
+    assert reasons and all(f"- {reason}" in body for reason in reasons)
     assert "num_inference_steps=40," in body and "40 training\ntimesteps" in body
 
 
