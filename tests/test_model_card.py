@@ -146,8 +146,11 @@ def test_evaluation_on_training_data_is_never_called_held_out(folder):
     _, body, _ = card(folder, evaluation=train)
     assert "held" not in body.lower() and "training-set bound" in body
     assert "training data: the model trained on them" in body
-    with pytest.raises(ValueError, match="held out"):
-        card(folder, evaluation=dataclasses.replace(train, reference="the held-out digits"))
+    for claim in ("the held-out digits", "digits training never seen", "Held Out digits (not held out)"):
+        with pytest.raises(ValueError, match="held out"):
+            card(folder, evaluation=dataclasses.replace(train, reference=claim))
+    _, body, _ = card(folder, evaluation=dataclasses.replace(train, reference="1,347 training images (not held out)"))
+    assert "1,347 training images (not held out) (training data: the model trained on them)" in body
 
 
 def test_unmatched_floor_count_is_stated(folder):

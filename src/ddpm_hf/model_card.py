@@ -41,7 +41,8 @@ STOCK_PIPELINE = "DDPMPipeline"
 _SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.IGNORECASE)
 # Hub license identifiers are lower-case slugs such as apache-2.0, mit, cc-by-4.0, openrail++ or other.
 _LICENSE = re.compile(r"[a-z0-9][a-z0-9.+_-]*")
-_HELD_OUT_WORDS = re.compile(r"held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
+# A reference described as held out (but not "not held out") while EvalFacts.heldout is False contradicts itself.
+_HELD_OUT_WORDS = re.compile(r"(?<!not )held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
 # Keys of ddpm_hf.evaluate's results: metrics are shown only in the Evaluation section and only with EvalFacts;
 # counts beside each metric; the CLI's sampling context is stated from EvalFacts' own fields.
 _COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images")
