@@ -131,11 +131,11 @@ def test_no_evaluation_means_no_metric_text(folder):
 def test_evaluation_states_reference_and_the_counts_beside_every_number(folder):
     _, body, _ = card(folder)
     section = body.split("## Evaluation", 1)[1]
-    assert "the 450 digits of the fixed test split (held out: training never saw them)" in section
+    assert "the 450 digits of the fixed test split. These images were held out: training never saw them." in section
     assert "Samples: DDIM, 25 steps, EMA weights, seed 0." in section
     assert "| FID, digits features | 1.23457 | 64 generated vs 225 real (half B) |" in section
     assert "| FID floor (real vs real), digits features | 0.5 | 64 real (half A) vs 225 real (half B) |" in section
-    assert "| Bits/dim (variational bound; lower is better) | 3.1 | 32 real images |" in section
+    assert "| Bits/dim (variational bound; lower is better) | 3.1 | 32 of the reference images |" in section
     assert "| Class balance of samples (normalised entropy, 1 = uniform) | 0.97 | 64 generated |" in section
     assert "images training never saw" in section and "num_generated" not in section
     assert "the floor uses" not in section.lower()  # matched counts: no warning
@@ -145,12 +145,12 @@ def test_evaluation_on_training_data_is_never_called_held_out(folder):
     train = dataclasses.replace(EVAL, reference="the 1,347 digits the model trained on", heldout=False)
     _, body, _ = card(folder, evaluation=train)
     assert "held" not in body.lower() and "training-set bound" in body
-    assert "training data: the model trained on them" in body
+    assert "These are training data: the model trained on them, so the numbers do not measure generalisation." in body
     for claim in ("the held-out digits", "digits training never seen", "Held Out digits (not held out)"):
         with pytest.raises(ValueError, match="held out"):
             card(folder, evaluation=dataclasses.replace(train, reference=claim))
     _, body, _ = card(folder, evaluation=dataclasses.replace(train, reference="1,347 training images (not held out)"))
-    assert "1,347 training images (not held out) (training data: the model trained on them)" in body
+    assert "1,347 training images (not held out). These are training data:" in body
 
 
 def test_unmatched_floor_count_is_stated(folder):

@@ -381,7 +381,7 @@ def _counts(key: str, r: dict[str, Any]) -> str:
     if key.startswith("fid_"):
         return f"{r['num_generated']} generated vs {r['num_real_b']} real (half B)"
     if key == "bits_per_dim":
-        return f"{r['num_bpd_images']} real images"
+        return f"{r['num_bpd_images']} of the reference images"
     if key == "classifier_confidence_real":
         return f"{r['num_real_b']} real (half B)"
     if key.startswith("class"):
@@ -414,12 +414,13 @@ def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
     if evaluation is None:
         return {"evaluated": False}
     r = evaluation.results
-    heldout = "held out: training never saw them" if evaluation.heldout else "training data: the model trained on them"
+    heldout = ("These images were held out: training never saw them." if evaluation.heldout else
+               "These are training data: the model trained on them, so the numbers do not measure generalisation.")
     rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_counts(k, r)))
             for k, v in r.items() if k not in _COUNT_KEYS + _CONTEXT_KEYS]
     return {
         "evaluated": True,
-        "eval_reference": _inline(f"{evaluation.reference} ({heldout})"),
+        "eval_reference": _inline(f"{evaluation.reference.strip().rstrip('.')}. {heldout}"),
         "eval_sampler": _inline(evaluation.describe()),
         "eval_rows": rows,
         "eval_notes": [_inline(n) for n in _evaluation_notes(evaluation)],
