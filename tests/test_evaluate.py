@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -198,8 +199,12 @@ def test_bits_per_dim_through_log_likelihood(digits, caplog):
     pipe = LikelihoodPipeline(digits["test"])
     metrics = evaluate_pipeline(pipe, digits["train"][:40], num_samples=8, heldout_images=digits["test"],
                                 num_bpd_images=6, batch_size=4)
-    assert metrics["bits_per_dim"] == pytest.approx(3.25)
+    assert metrics["bits_per_dim"] == pytest.approx(3.25) and metrics["num_bpd_images"] == 6
     assert len(pipe.seen) == 2  # batches of 4: 4 + 2
+    # each slow phase is logged with its duration, and the counts with the results
+    for phase in ("sampling 8 images", "features of 8 generated and 40 real images", "bits/dim of 6 images"):
+        assert re.search(rf"Evaluation: {phase} done in \d+\.\d s", caplog.text), phase
+    assert "num_generated=8, num_real_a=8, num_real_b=20" in caplog.text
     assert torch.equal(pipe.seen, (digits["test"][4:6] + 1) / 2)  # NCHW in [0, 1], the pipeline-output range
     evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=8, num_bpd_images=4)
     assert "has no log_likelihood" in caplog.text

@@ -389,7 +389,8 @@ def evaluate_pipeline(
             bpd = bits_per_dim(likelihood_pipeline or pipeline, heldout, batch_size, generator)
         if bpd is not None:
             metrics.update(bits_per_dim=bpd, num_bpd_images=len(heldout))
-    logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                            for k, v in metrics.items() if isinstance(v, (int, float))))
     return metrics
 
 
