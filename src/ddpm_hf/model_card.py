@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,14 @@ _HELD_OUT_WORDS = re.compile(r"(?<!not )held[\s-]*out|unseen|never seen|not trai
 # Keys of ddpm_hf.evaluate's results: metrics are shown only in the Evaluation section and only with EvalFacts;
 # counts beside each metric; the CLI's sampling context is stated from EvalFacts' own fields.
 _COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images")
+# The images behind each metric, stated beside it: (metric key pattern, text over the count keys); first match wins.
+_MEASURED_ON = (
+    (re.compile(r"fid_.*_floor"), "{num_real_a} real (half A) vs {num_real_b} real (half B)"),
+    (re.compile(r"fid_.*"), "{num_generated} generated vs {num_real_b} real (half B)"),
+    (re.compile(r"bits_per_dim"), "{num_bpd_images} of the reference images"),
+    (re.compile(r"classifier_confidence_real"), "{num_real_b} real (half B)"),
+    (re.compile(r"class_.*|classifier_confidence"), "{num_generated} generated"),
+)
 _CONTEXT_KEYS = ("sampler", "num_inference_steps", "seed", "real_split", "bpd_split")
 _EVAL_KEY = re.compile(r"fid_.*|bits_per_dim|class_histogram|class_balance|classifier_confidence(_real)?")
 # Run bookkeeping the card states in its own words (the whole run's wall time comes from RunFacts.wall_time_s).
@@ -333,9 +342,8 @@ def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
     results = evaluation.results
     if not isinstance(results, dict) or not any(_EVAL_KEY.fullmatch(k) for k in results):
         raise ValueError("RunFacts.evaluation.results must be evaluate_pipeline's result (no metric found in it)")
-    needed = [k for k in _COUNT_KEYS[:3] if any(n.startswith("fid_") or n.startswith("class") for n in results)]
-    needed += ["num_bpd_images"] if "bits_per_dim" in results else []
-    missing = [k for k in needed if not is_int(results.get(k))]
+    needed = {name for key in results for _, name, _, _ in string.Formatter().parse(_measured_on(key)) if name}
+    missing = sorted(k for k in needed if not is_int(results.get(k)))
     if missing:
         raise ValueError(f"RunFacts.evaluation.results lacks the sample counts {missing} behind its metrics")
 
@@ -374,19 +382,9 @@ def _metric_label(key: str) -> str:
     }.get(key, key)
 
 
-def _counts(key: str, r: dict[str, Any]) -> str:
-    """The images a metric was measured on, stated beside it."""
-    if key.startswith("fid_") and key.endswith("_floor"):
-        return f"{r['num_real_a']} real (half A) vs {r['num_real_b']} real (half B)"
-    if key.startswith("fid_"):
-        return f"{r['num_generated']} generated vs {r['num_real_b']} real (half B)"
-    if key == "bits_per_dim":
-        return f"{r['num_bpd_images']} of the reference images"
-    if key == "classifier_confidence_real":
-        return f"{r['num_real_b']} real (half B)"
-    if key.startswith("class"):
-        return f"{r['num_generated']} generated"
-    return ""
+def _measured_on(key: str) -> str:
+    """The images behind a metric, as a template over the result's count keys ("" for a metric of unknown kind)."""
+    return next((text for pattern, text in _MEASURED_ON if pattern.fullmatch(key)), "")
 
 
 def _evaluation_notes(evaluation: EvalFacts) -> list[str]:
@@ -416,7 +414,7 @@ def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
     r = evaluation.results
     heldout = ("These images were held out: training never saw them." if evaluation.heldout else
                "These are training data: the model trained on them, so the numbers do not measure generalisation.")
-    rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_counts(k, r)))
+    rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_measured_on(k).format(**r)))
             for k, v in r.items() if k not in _COUNT_KEYS + _CONTEXT_KEYS]
     return {
         "evaluated": True,
