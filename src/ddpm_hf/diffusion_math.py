@@ -5,8 +5,9 @@ built once in float64; per-call coefficients are gathered in float64 and cast to
 device (the pattern of improved-diffusion's ``gaussian_diffusion.py``), so a float32 or bfloat16 sample
 never sees a schedule that was rounded before the arithmetic that matters.
 
-Equation numbers refer to Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM), and
-Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM).
+`NoiseSchedule` is the one place a schedule is built from a config; `vb_terms_bpd` the one bound term L_t.
+Equation numbers refer to Ho et al. 2020, "Denoising Diffusion Probabilistic Models" (DDPM), Song et al. 2021,
+"Denoising Diffusion Implicit Models" (DDIM), and Nichol & Dhariwal 2021, "Improved DDPM".
 """
 
 from __future__ import annotations

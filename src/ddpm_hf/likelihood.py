@@ -3,7 +3,8 @@
 L = L_T + sum_{t>1} L_{t-1} + L_0 (Ho et al. 2020, eq. 5): L_T = KL(q(x_T | x_0) || N(0, I)), each L_{t-1} the KL
 between the true posterior q(x_{t-1} | x_t, x_0) (eq. 6-7) and the model's p(x_{t-1} | x_t), and L_0 the
 discretised Gaussian decoder (sec. 3.3, eq. 13). Every term is evaluated on the full training chain of T steps,
-one network call per t for the whole batch, and in float64 from the network output on.
+one network call per t for the whole batch, and in float64 from the network output on; each L_t is
+`diffusion_math.vb_terms_bpd`, the term the hybrid training loss uses too.
 
 The model variance follows improved-diffusion's conventions (Nichol & Dhariwal 2021): the posterior variance at
 t = 0 is zero, so "fixed_small" uses the t = 1 value there and "fixed_large" uses it in place of beta_0; a
