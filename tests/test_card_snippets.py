@@ -49,6 +49,10 @@ def python_blocks(readme: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", readme, flags=re.DOTALL | re.MULTILINE)
 
 
+def folder_timesteps(folder) -> int:
+    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+
+
 def _save_and_card(root, name):
     scheduler, sampler = CONFIGS[name]
     torch.manual_seed(0)
@@ -85,10 +89,6 @@ def test_each_card_has_the_diffusers_and_the_ddpm_hf_snippet(cards):
         assert "ddpm_hf.DDPMPipeline.from_pretrained('./model')" in ours_block
         steps = int(re.search(r"num_inference_steps=(\d+)", diffusers_block).group(1))
         assert 1 <= steps <= folder_timesteps(folder)
-
-
-def folder_timesteps(folder) -> int:
-    return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
 
 
 def test_stock_snippets_run_without_ddpm_hf(cards, tmp_path):
