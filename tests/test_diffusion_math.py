@@ -108,7 +108,9 @@ def test_noise_schedule_trained_betas_zero_snr_and_defaults():
 
 @pytest.mark.parametrize("key, value", [("num_train_timesteps", 0), ("beta_schedule", "cosine"),
                                         ("beta_start", 1.5), ("trained_betas", [0.1, 0.2]),
-                                        ("rescale_betas_zero_snr", "yes")])
+                                        ("rescale_betas_zero_snr", "yes"), ("trained_betas", "abc"),
+                                        ("trained_betas", [[0.1, 0.2, 0.3]]), ("trained_betas", [0.1, None, 0.2]),
+                                        ("trained_betas", 5), ("trained_betas", [0.1, float("nan"), 0.2])])
 def test_noise_schedule_names_the_bad_key(key, value):
     with pytest.raises(ValueError, match=key):
         dm.NoiseSchedule.from_config({"num_train_timesteps": 3, key: value})

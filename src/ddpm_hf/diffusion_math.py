@@ -53,8 +53,16 @@ def make_betas(
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
     if trained_betas is not None:
-        betas = torch.as_tensor(list(trained_betas) if not torch.is_tensor(trained_betas) else trained_betas,
-                                dtype=torch.float64).flatten()
+        message = f"trained_betas must be a 1-d sequence of floats in (0, 1), got {trained_betas!r:.80}"
+        if isinstance(trained_betas, (str, bytes, Mapping)):
+            raise ValueError(message)
+        try:
+            betas = torch.as_tensor(trained_betas.detach().cpu() if torch.is_tensor(trained_betas)
+                                    else list(trained_betas), dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(message) from err
+        if betas.ndim != 1:
+            raise ValueError(message)
         if betas.numel() != num_train_timesteps:
             raise ValueError(
                 f"trained_betas has {betas.numel()} values but num_train_timesteps is {num_train_timesteps}"
@@ -100,14 +108,9 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
 
 
 # diffusers' scheduler-config defaults for the keys that define the noise schedule (DDPMScheduler/DDIMScheduler).
-SCHEDULE_CONFIG_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "trained_betas": None,
-    "rescale_betas_zero_snr": False,
-}
+SCHEDULE_CONFIG_DEFAULTS: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                                            "beta_schedule": "linear", "trained_betas": None,
+                                            "rescale_betas_zero_snr": False}
 
 
 @dataclass(frozen=True)
