@@ -5,8 +5,8 @@ to a device: ``diffusers.training_utils.compute_snr`` calls ``alphas_cumprod.to(
 float64 on Apple MPS, and diffusers' pipelines index ``scheduler.alphas_cumprod`` directly. So the public tables
 are the very tensors diffusers' own scheduler of the same config holds (float32, CPU), built by that class;
 ddpm_hf's maths never reads them and uses the float64 ``NoiseSchedule`` instead (``scheduler.noise_schedule``).
-Where diffusers cannot build the schedule (its DDIMScheduler refuses ``sigmoid``), the float64 tables are
-rounded to float32.
+Where diffusers cannot build the schedule (its DDIMScheduler refuses ``sigmoid``) or has no such class, the
+float64 tables are rounded to float32.
 """
 
 from __future__ import annotations
@@ -45,8 +45,11 @@ def public_tables(stock_class_name: str, config: Mapping[str, Any], schedule: dm
         "final_alpha_cumprod": final_alpha_cumprod.float(),
         "one": torch.tensor(1.0),
     }
+    stock_class = getattr(diffusers, stock_class_name, None)
+    if stock_class is None:  # a scheduler with no diffusers counterpart
+        return tables
     try:
-        stock = getattr(diffusers, stock_class_name)(**keys)
+        stock = stock_class(**keys)
     except NotImplementedError:  # e.g. "sigmoid is not implemented for DDIMScheduler"
         return tables
     tables.update({name: getattr(stock, name) for name in TABLE_NAMES if hasattr(stock, name)})

@@ -9,10 +9,12 @@ doing what stock would do and comparing:
 2. Its noise schedule: stock's float32 bar(alpha) must match our float64 one to 1e-5.
 3. Its timestep table for every step count N = 1 .. T (up to ``MAX_TABLE_COUNTS``, then T): equal lists, or both
    unusable (we refuse N, stock builds a t outside [0, T) that fails in ``step``).
-4. Its step on fixed probe inputs, for the default step count and ``PROBE_STEP_COUNTS``, at every table entry
-   (evenly thinned past ``MAX_PROBED_STEPS``, always with the first and last), with each keyword variant the class
-   takes (DDIM: eta 0 and 1, with and without ``use_clipped_model_output``) and model outputs of 2C channels for
-   learned variances. Outputs must agree to 1e-5 * max(1, |stock|); a NaN/inf or an exception on one side only
+4. Its step on fixed probe inputs: for the default step count, T and ``PROBE_STEP_COUNTS`` at every table entry
+   (evenly thinned past ``MAX_PROBED_STEPS``, always with the first and last), and for the other step counts
+   whose tables agree (all of them, or ``MAX_PROBED_STEPS`` evenly spread) at the first and last entry (where the noisiest step and the step onto clean data live:
+   e.g. DDIM with ``steps_offset`` lands on bar(alpha)_0 instead of the final alpha only when T // N <=
+   steps_offset). The keyword variants the class takes are probed (DDIM: eta 0 and 1, at the full probes also
+   with ``use_clipped_model_output``), with model outputs of 2C channels for learned variances. Outputs must agree to 1e-5 * max(1, |stock|); a NaN/inf or an exception on one side only
    is a reason; both failing (nothing to sample) is not.
 
 The steps compare stock's step code, not float32 rounding: diffusers keeps its tables in float32, which moves
@@ -109,8 +111,8 @@ def _table_reasons(ours: Any, stock: Any) -> tuple[list[int], list[str]]:
         return agreeing, []
     count, mine, theirs = differing[0]
     return agreeing, [f"timestep tables differ for {len(differing)} of {len(counts)} step counts (N = "
-                      f"{', '.join(str(d[0]) for d in differing[:5])}{', ...' if len(differing) > 5 else ''}); "
-                      f"N = {count}: diffusers {_short(theirs)}, ddpm_hf {_short(mine)}"]
+                      f"{_counts([d[0] for d in differing])}); N = {count}: diffusers {_short(theirs)}, "
+                      f"ddpm_hf {_short(mine)}"]
 
 
 def _short(value: Any) -> str:
@@ -129,46 +131,59 @@ def _use_exact_tables(stock: Any, ours: Any) -> None:
             setattr(stock, name, table.clone())
 
 
-def _probe_kwargs(scheduler: Any) -> list[dict[str, Any]]:
+def _probe_kwargs(scheduler: Any, every_variant: bool) -> list[dict[str, Any]]:
+    """The ``step`` keyword variants to probe: eta 0 and 1 where ``step`` takes eta, each also with
+    ``use_clipped_model_output`` when ``every_variant`` (the boundary probes leave that one out, to stay cheap)."""
     keywords = scheduler._STEP_KEYWORDS
-    variants: list[dict[str, Any]] = [{}]
-    if "eta" in keywords:
-        variants = [{"eta": eta} for eta in (0.0, 1.0)]
-    if "use_clipped_model_output" in keywords:
+    variants: list[dict[str, Any]] = [{"eta": eta} for eta in (0.0, 1.0)] if "eta" in keywords else [{}]
+    if every_variant and "use_clipped_model_output" in keywords:
         variants += [{**v, "use_clipped_model_output": True} for v in variants]
     return variants
 
 
 def _probe_indices(length: int) -> list[int]:
+    """All of ``range(length)``, or ``MAX_PROBED_STEPS`` of them evenly spread (first and last included)."""
     if length <= MAX_PROBED_STEPS:
         return list(range(length))
     stride = (length - 1) / (MAX_PROBED_STEPS - 1)
     return sorted({round(i * stride) for i in range(MAX_PROBED_STEPS)})
 
 
-def _step_reasons(ours: Any, stock: Any, agreeing: list[int]) -> list[str]:
-    num_train = ours.config.num_train_timesteps
-    wanted = {ours.default_num_inference_steps(), num_train, *PROBE_STEP_COUNTS}
-    counts = sorted(c for c in wanted if c in set(agreeing))
+def _probe_inputs(ours: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float64 x_t (|x| up to ~5, so clipping and thresholding act) and a model output (2C channels for learned
+    variances, the extra ones in [-1, 1] as ``learned_range`` expects)."""
     generator = torch.Generator().manual_seed(0)
     sample = 1.5 * torch.randn(_PROBE_SHAPE, generator=generator, dtype=torch.float64)
-    channels = 2 if ours.config.get("variance_type") in ("learned", "learned_range") else 1
-    output = torch.cat([torch.randn(_PROBE_SHAPE, generator=generator, dtype=torch.float64)] +
-                       [2 * torch.rand(_PROBE_SHAPE, generator=generator, dtype=torch.float64) - 1] * (channels - 1),
-                       dim=1)
+    parts = [torch.randn(_PROBE_SHAPE, generator=generator, dtype=torch.float64)]
+    if ours.config.get("variance_type") in ("learned", "learned_range"):
+        parts.append(2 * torch.rand(_PROBE_SHAPE, generator=generator, dtype=torch.float64) - 1)
+    return sample, torch.cat(parts, dim=1)
+
+
+def _step_reasons(ours: Any, stock: Any, agreeing: list[int]) -> list[str]:
+    """Step probes: every entry (thinned) at the default, T and ``PROBE_STEP_COUNTS``, and the first and last
+    entry (the noisiest step and the one onto clean data) at the other step counts whose tables agree (thinned)."""
+    full = {ours.default_num_inference_steps(), ours.config.num_train_timesteps, *PROBE_STEP_COUNTS}
+    sample, output = _probe_inputs(ours)
     first: dict[str, tuple[int, str]] = {}
     differing: dict[str, list[int]] = {}
-    for count in counts:
+    probed = sorted(full.intersection(agreeing) | {agreeing[i] for i in _probe_indices(len(agreeing))})
+    for count in probed:
         ours.set_timesteps(count)
         stock.set_timesteps(count)
-        for kwargs in _probe_kwargs(ours):
-            reason = _first_difference(ours, stock, sample, output, kwargs)
+        indices = _probe_indices(count) if count in full else sorted({0, count - 1})
+        for kwargs in _probe_kwargs(ours, every_variant=count in full):
+            reason = _first_difference(ours, stock, sample, output, kwargs, indices)
             if reason:
                 described = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "step"
                 first.setdefault(described, (count, reason))
                 differing.setdefault(described, []).append(count)
-    return [f"{described}: differs for num_inference_steps in {tuple(differing[described])}; at N = {count} {reason}"
-            for described, (count, reason) in first.items()]
+    return [f"{described}: differs for {len(counts)} probed step counts (N = {_counts(counts)}); at N = {first[described][0]} "
+            f"{first[described][1]}" for described, counts in differing.items()]
+
+
+def _counts(counts: list[int]) -> str:
+    return ", ".join(map(str, counts[:5])) + (", ..." if len(counts) > 5 else "")
 
 
 def _outcome(step: Callable[[], Any]) -> tuple[torch.Tensor | None, str]:
@@ -181,10 +196,10 @@ def _outcome(step: Callable[[], Any]) -> tuple[torch.Tensor | None, str]:
     return prev_sample, ""
 
 
-def _first_difference(ours: Any, stock: Any, sample: torch.Tensor, output: torch.Tensor,
-                      kwargs: dict[str, Any]) -> str:
-    """The first probed table entry where the two steps disagree, described; "" if none does."""
-    for index in _probe_indices(len(ours.timesteps)):
+def _first_difference(ours: Any, stock: Any, sample: torch.Tensor, output: torch.Tensor, kwargs: dict[str, Any],
+                      indices: list[int]) -> str:
+    """The first of the table ``indices`` where the two steps disagree, described; "" if none does."""
+    for index in indices:
         t = ours.timesteps[index]
 
         def run(scheduler: Any) -> Callable[[], Any]:
