@@ -12,11 +12,12 @@ sample correctly.
 from diffusers import ModelMixin, SchedulerMixin
 
 try:
-    import ddpm_hf.pipeline
+    import ddpm_hf.pipeline  # a module, not the class: diffusers wants one pipeline class in this file's namespace
+    import ddpm_hf.sharing
 except ImportError as error:
     raise ImportError("This checkpoint samples with ddpm_hf's classes: pip install ddpm_hf") from error
 
 
 class DDPMHFPipeline(ddpm_hf.pipeline.DDPMPipeline):
     def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
-        super().__init__(*ddpm_hf.pipeline.to_ddpm_hf_components(unet, scheduler))
+        super().__init__(*ddpm_hf.sharing.to_ddpm_hf_components(unet, scheduler))

@@ -19,7 +19,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from scipy.special import ndtr
 
 import ddpm_hf
-from ddpm_hf.editing import repaint_moves, slerp
+from ddpm_hf.editing import slerp
 from ddpm_hf.pipeline import DDPMPipeline
 
 MEAN, STD, T = 0.1, 0.4, 100
@@ -166,19 +166,7 @@ def test_img2img_runs_strength_times_steps_and_checks_strength():
 # ---- RePaint ------------------------------------------------------------------------------------------------------
 
 
-def test_repaint_moves_walk_down_with_jumps():
-    assert repaint_moves(4, 1, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]
-    moves = repaint_moves(20, 5, 3)
-    assert moves[-1][1] == 20 and all(0 <= q <= 20 for _, q in moves)
-    down = [m for m in moves if m[1] == m[0] + 1]
-    up = [m for m in moves if m[1] < m[0]]
-    assert all(p - q == 5 for p, q in up) and len(up) == 4 * 2  # 4 jump points, each jumps twice
-    assert len(down) == 20 + len(up) * 5
-    for p in range(20):  # every step is denoised jump_n_sample times
-        assert sum(1 for m in down if m[0] == p) == 3
-    for bad in ((0, 1, 1), (4, 5, 1), (4, 1, 0), (4, 1.5, 1)):
-        with pytest.raises(ValueError):
-            repaint_moves(*bad)
+# The walk against the reference schedule and Algorithm 1 with a pixel-coupling network: tests/test_pipeline_repaint.py
 
 
 def test_inpaint_keeps_known_pixels_exactly_and_fills_the_rest_from_the_prior():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import ddpm_hf
-from ddpm_hf.pipeline import HUB_PIPELINE_CLASS, HUB_PIPELINE_MODULE, HUB_PIPELINE_SOURCE, DDPMPipeline, stock_divergences
+from ddpm_hf.pipeline import DDPMPipeline
+from ddpm_hf.sharing import HUB_PIPELINE_CLASS, HUB_PIPELINE_MODULE, HUB_PIPELINE_SOURCE, stock_divergences
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
@@ -57,6 +58,11 @@ def _our_pipeline(scheduler):
     pipe = DDPMPipeline(UNet2DModel.from_config(_tiny_unet().config), scheduler)
     pipe.unet.load_state_dict(_tiny_unet().state_dict())
     pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -105,29 +111,57 @@ def test_from_pretrained_loads_a_stock_folder_with_our_classes(tmp_path):
     stock.save_pretrained(tmp_path)
     pipe = ddpm_hf.DDPMPipeline.from_pretrained(tmp_path)
     assert isinstance(pipe.unet, ddpm_hf.UNet2DModel) and isinstance(pipe.scheduler, ddpm_hf.DDIMScheduler)
+    assert pipe.config["unet"] == ("diffusers", "UNet2DModel") and pipe.name_or_path == str(tmp_path)
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(_images(pipe), _images(stock), atol=1e-4, rtol=0)
     half = ddpm_hf.DDPMPipeline.from_pretrained(tmp_path, torch_dtype=torch.float64)
     assert half.unet.dtype == torch.float64
-    with pytest.raises(TypeError, match="device_map"):
-        ddpm_hf.DDPMPipeline.from_pretrained(tmp_path, device_map="auto")
 
 
+def test_from_pretrained_keeps_diffusers_loader_features(tmp_path):
+    """device_map, variant, low_cpu_mem_usage and passed components work as in DiffusionPipeline.from_pretrained."""
+    stock = diffusers.DDPMPipeline(_tiny_unet(), diffusers.DDPMScheduler(num_train_timesteps=100))
+    stock.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    mapped = ddpm_hf.DDPMPipeline.from_pretrained(tmp_path, variant="fp16", device_map="cpu", low_cpu_mem_usage=True)
+    assert isinstance(mapped.unet, ddpm_hf.UNet2DModel) and mapped.hf_device_map == "cpu"
+    mapped.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(_images(mapped), _images(_quiet(stock)), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="no such modeling files"):
+        ddpm_hf.DDPMPipeline.from_pretrained(tmp_path, variant="bf16")
+    mine = diffusers.DDPMScheduler(num_train_timesteps=100, variance_type="fixed_large")
+    passed = ddpm_hf.DDPMPipeline.from_pretrained(tmp_path, variant="fp16", scheduler=mine, unet=stock.unet)
+    assert passed.scheduler is mine and passed.unet is stock.unet  # passed components are used as they are
+
+
+def test_remote_code_folder_loads_as_our_pipeline_without_running_its_file(tmp_path):
+    pipe = _our_pipeline(ddpm_hf.DDIMScheduler(num_train_timesteps=100, timestep_spacing="quad", clip_sample=False))
+    pipe.save_pretrained(tmp_path)
+    (tmp_path / f"{HUB_PIPELINE_MODULE}.py").write_text("raise RuntimeError('the folder code ran')\n")
+    loaded = ddpm_hf.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is DDPMPipeline and isinstance(loaded.scheduler, ddpm_hf.DDIMScheduler)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(_images(loaded), _images(pipe), atol=1e-6, rtol=0)
+
+
+# (class, config, words of the reason, whether diffusers' own class of that config samples at all). The reasons
+# come from running stock diffusers on the config (ddpm_hf.schedulers.stock_equivalence).
 DIVERGENT = [
-    ("DDIMScheduler", {"timestep_spacing": "quad"}, "quad"),
-    ("DDIMScheduler", {"timestep_spacing": "trailing"}, "12633"),
-    ("DDIMScheduler", {"timestep_spacing": "linspace"}, "12633"),
-    ("DDPMScheduler", {"variance_type": "fixed_large_log"}, "14569"),
-    ("DDPMScheduler", {"steps_offset": 1}, "steps_offset"),
-    ("DDPMScheduler", {"variance_type": "learned"}, "log variance"),
+    ("DDIMScheduler", {"timestep_spacing": "quad"}, "quad is not supported", False),
+    ("DDIMScheduler", {"timestep_spacing": "trailing"}, "timestep tables differ", True),  # N + 1 entries
+    ("DDIMScheduler", {"timestep_spacing": "linspace"}, "differs", True),  # steps to t - T // N (issue 12633)
+    ("DDIMScheduler", {"beta_schedule": "sigmoid"}, "sigmoid is not implemented", False),
+    ("DDPMScheduler", {"variance_type": "fixed_large_log"}, "NaN", True),  # issue 14569
+    ("DDPMScheduler", {"variance_type": "learned"}, "NaN", True),  # a log variance read as a variance
 ]
 
 
-@pytest.mark.parametrize("name, config, reason", DIVERGENT)
-def test_stock_divergences_are_detected(name, config, reason):
+@pytest.mark.parametrize("name, config, reason, stock_usable", DIVERGENT)
+def test_stock_divergences_are_detected(name, config, reason, stock_usable):
     reasons = stock_divergences(getattr(ddpm_hf, name)(num_train_timesteps=100, **config))
     assert any(reason in r for r in reasons), reasons
-    assert stock_divergences(getattr(diffusers, name)(num_train_timesteps=100, **config)) == []
+    if stock_usable:  # diffusers' own class samples the same in stock diffusers' pipeline loop
+        assert stock_divergences(getattr(diffusers, name)(num_train_timesteps=100, **config)) == []
     assert stock_divergences(getattr(ddpm_hf, name)(num_train_timesteps=100)) == []
 
 

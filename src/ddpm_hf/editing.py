@@ -9,7 +9,7 @@ Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilisti
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import PIL.Image
@@ -120,6 +120,26 @@ def check_latents(latents: torch.Tensor, shape: tuple[int, ...], name: str = "la
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(latents.shape)}")
 
 
+RESERVED_MODEL_KWARGS = ("sample", "timestep", "return_dict")  # the pipeline passes these to the network itself
+
+
+def check_model_kwargs(model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``model_kwargs`` is None or a dict of extra keyword arguments for the network (the conditioning conduit).
+
+    Returns:
+        The dict (a new empty one for None).
+    """
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError("model_kwargs must be a dict of keyword arguments for the unet (e.g. {'class_labels': labels}), "
+                        f"got {type(model_kwargs).__name__}")
+    reserved = sorted(set(model_kwargs) & set(RESERVED_MODEL_KWARGS))
+    if reserved:
+        raise ValueError(f"model_kwargs must not contain {reserved}: the pipeline passes them to the unet itself")
+    return dict(model_kwargs)
+
+
 # ---- DDIM inversion and interpolation -----------------------------------------------------------------------------
 
 
@@ -191,12 +211,18 @@ def sdedit_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 def repaint_moves(num_steps: int, jump_length: int, jump_n_sample: int) -> list[tuple[int, int]]:
-    """The RePaint time walk (Lugmayr et al. 2022, sec. 4.2 "resampling" with jumps) as position moves.
+    """The RePaint time walk (Lugmayr et al. 2022, Algorithm 1 with the jump schedule of sec. 4.2) as moves.
 
     Positions index the sampling table: 0 is the noisiest timestep, ``num_steps`` the clean image. A move
-    ``(p, p + 1)`` is one reverse (denoising) step; ``(p, p - jump_length)`` re-noises back up. Every position
-    that is a positive multiple of ``jump_length`` jumps back ``jump_n_sample - 1`` times, so each stretch of
-    ``jump_length`` steps is denoised ``jump_n_sample`` times in all.
+    ``(p, p + 1)`` is one reverse (denoising) step, ``(p, p - 1)`` one forward (re-noising) step. Counted from the
+    clean end, the walk pauses at levels 0, ``jump_length``, 2 ``jump_length``, ... below
+    ``num_steps - jump_length`` (level k is position ``num_steps - 1 - k``, the sample one denoising step before
+    the finished image at k = 0); arriving there by a denoising step, it goes ``jump_length`` steps back up and
+    down again, ``jump_n_sample - 1`` times. So the finished image is never re-noised (Algorithm 1 re-noises only
+    for t > 1), the noisiest ``jump_length`` steps are not resampled, and a schedule of N steps costs
+    ``N + len(range(0, N - jump_length, jump_length)) * (jump_n_sample - 1) * jump_length`` network calls (2,410
+    at the paper's 250, 10, 10). This is the schedule of the authors' ``get_schedule_jump``, which
+    ``diffusers.RePaintScheduler.set_timesteps`` also builds.
 
     Returns:
         The list of ``(from_position, to_position)`` moves, ending at ``num_steps``.
@@ -207,20 +233,20 @@ def repaint_moves(num_steps: int, jump_length: int, jump_n_sample: int) -> list[
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if jump_length > num_steps:
         raise ValueError(f"jump_length ({jump_length}) must not exceed num_inference_steps ({num_steps})")
-    jumps_left = {p: jump_n_sample - 1 for p in range(jump_length, num_steps + 1, jump_length)}
+    jumps_left = {num_steps - 1 - level: jump_n_sample - 1 for level in range(0, num_steps - jump_length, jump_length)}
     moves, p = [], 0
     while p < num_steps:
         moves.append((p, p + 1))
         p += 1
         if jumps_left.get(p, 0) > 0:
             jumps_left[p] -= 1
-            moves.append((p, p - jump_length))
+            moves.extend((q, q - 1) for q in range(p, p - jump_length, -1))
             p -= jump_length
     return moves
 
 
 def renoise(sample: torch.Tensor, noise: torch.Tensor, alpha_prod_to: torch.Tensor, alpha_prod_from: torch.Tensor) -> torch.Tensor:
-    """Sample q(x_to | x_from) for a later (noisier) timestep: the forward process over the jump (DDPM eq. 4
-    applied to the ratio of cumulative alphas)."""
+    """Sample q(x_to | x_from) for a later (noisier) timestep: the forward process from one table entry to the
+    previous one (DDPM eq. 2 over the respaced step, whose bar(alpha) ratio is 1 - beta)."""
     return q_sample(sample, noise, alpha_prod_to / alpha_prod_from)
 
