@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(ROOT, "training", "train.py")
 WARMUP_STEPS = 5
 
 
@@ -42,10 +44,8 @@ def reference_train(steps: int, batch_size: int, resolution: int = 16, seed: int
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    sys.path.insert(0, os.path.join(ROOT, "training"))
-    from args import MODEL_PRESETS
-
     from ddpm_hf.data import load_digits_tensor
+    from ddpm_hf.training import MODEL_PRESETS
 
     torch.manual_seed(seed)
     images = load_digits_tensor(resolution)
@@ -94,12 +94,11 @@ def worker(kind: str, steps: int, batch_size: int, threads: int, t0: float) -> d
         _, _, rate = reference_train(steps, batch_size, on_first_step=lambda: first.setdefault("t", time.time()))
         result.update(images_per_sec=rate, time_to_first_step_s=first["t"] - t0)
     else:
-        sys.path.insert(0, os.path.join(ROOT, "training"))
-        import train
+        train_main = runpy.run_path(TRAIN_SCRIPT, run_name="train_recipe")["main"]  # imports the training stack
 
         imports_done = time.time()
         with tempfile.TemporaryDirectory() as out:
-            metrics = train.main(["--output_dir", out, "--max_train_steps", str(steps), "--train_batch_size",
+            metrics = train_main(["--output_dir", out, "--max_train_steps", str(steps), "--train_batch_size",
                                   str(batch_size), "--num_threads", str(threads), "--logger", "none",
                                   "--checkpointing_steps", str(steps + 1), "--eval_batch_size", "4",
                                   "--ddpm_num_inference_steps", "2"])

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "training"))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+TRAIN_SCRIPT = os.path.join(ROOT, "training", "train.py")
 
 BASE = ["--learning_rate", "2e-3", "--lr_warmup_steps", "100", "--ema_max_decay", "0.999"]
 EXAMPLE = ["--learning_rate", "1e-4", "--lr_warmup_steps", "500", "--adam_beta1", "0.95", "--adam_weight_decay",
@@ -41,7 +41,8 @@ def configs(steps: int) -> dict[str, list[str]]:
         "lr2e-3": BASE + ["--max_train_steps", s],
         "lr4e-3": BASE[2:] + ["--learning_rate", "4e-3", "--max_train_steps", s],
         "lr2e-3_warmup500": BASE[:2] + ["--lr_warmup_steps", "500"] + BASE[4:] + ["--max_train_steps", s],
-        "lr2e-3_ema_const0.995": BASE + ["--ema_warmup", "false", "--ema_max_decay", "0.995", "--max_train_steps", s],
+        "lr2e-3_ema_const0.995": BASE + ["--ema_warmup", "false", "--ema_max_decay", "0.995", "--ema_min_decay", "0.995",
+                                          "--max_train_steps", s],
         "lr2e-3_ema_power2/3": BASE + ["--ema_power", str(2 / 3), "--max_train_steps", s],
         "lr2e-3_no_ema": BASE + ["--use_ema", "false", "--max_train_steps", s],
         "lr2e-3_batch32": BASE + ["--train_batch_size", "32", "--max_train_steps", str(2 * steps)],
@@ -127,21 +128,22 @@ def run_one(name: str, flags: list[str], out: str, num_samples: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
     if name.startswith("reference"):
-        from bench_training import reference_train
+        from bench_training import reference_train  # this script's folder is on sys.path when run as a script
 
         unet, ema, _ = reference_train(int(flags[0]), 64, device=device)
         ema.copy_to(unet.parameters())
         info = {"steps": int(flags[0])}
     else:
-        import train
         from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-        # Pin diffusers' classes so the sweep measures hyperparameters, not work in progress elsewhere.
-        train.pipeline_classes = lambda: (UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline)
-        train.write_card = lambda *a, **k: None
+        from ddpm_hf.training import PipelineClasses
+
+        # diffusers' classes, so the sweep measures hyperparameters, not work in progress elsewhere.
+        classes = PipelineClasses(UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline)
+        train_main = runpy.run_path(TRAIN_SCRIPT, run_name="train_recipe")["main"]
         run_dir = os.path.join(out, name.replace("/", "_"))
-        info = train.main(flags + ["--output_dir", run_dir, "--logger", "none", "--overwrite_output_dir", "true",
-                                   "--checkpointing_steps", "100000"])
+        info = train_main(flags + ["--output_dir", run_dir, "--logger", "none", "--overwrite_output_dir", "true",
+                                   "--checkpointing_steps", "100000"], classes=classes)
         unet = UNet2DModel.from_pretrained(os.path.join(run_dir, "unet"))
     result = {"name": name, "flags": flags, "train": info, "train_seconds": time.time() - started,
               "device": device, "eval": evaluate(unet, num_samples, device, _prediction_type(flags))}

@@ -5,8 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.data import (DigitsDataset, EpochShuffleSampler, HFImageDataset, ImageTransform, build_train_dataset,
-                          load_digits_tensor, pil_to_float)
+from ddpm_hf.data import (DIGITS_NAME, DataConfig, DigitsDataset, EpochShuffleSampler, HFImageDataset, ImageTransform,
+                          build_train_dataset, load_digits_tensor, pil_to_float)
+
+
+def folder(path, **options):
+    """The data flags for an image folder (centre crop, no flip, 8x8 unless given)."""
+    return DataConfig(train_data_dir=str(path), **{"resolution": 8, "center_crop": True, **options})
 
 
 def test_digits_are_real_upscaled_and_in_range():
@@ -86,6 +91,28 @@ def test_sampler_depends_only_on_seed_and_epoch():
     assert list(again) == list(s)
 
 
+def test_built_in_digits_are_the_fixed_train_split_only():
+    """Training sees the 75 % stratified "train" split (sklearn's train_test_split, seed 0), never "test"."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train_idx, test_idx = train_test_split(np.arange(1797), test_size=0.25, stratify=digits.target, random_state=0)
+    dataset = build_train_dataset(DataConfig(resolution=8))
+    assert isinstance(dataset, DigitsDataset) and len(dataset) == 1347 == len(train_idx)
+    everything = load_digits_tensor(8)
+    assert torch.equal(dataset.images, everything[np.sort(train_idx)])
+    info = dataset.info
+    assert (info.name, info.is_local, info.num_images, info.num_channels, info.resolution, info.num_skipped) == (
+        DIGITS_NAME, False, 1347, 1, 8, 0)
+    assert torch.equal(info.labels, torch.from_numpy(digits.target[np.sort(train_idx)]))
+    assert info.class_names == tuple("0123456789")
+    assert "1,347 of the 1,797" in info.split and "450 held out" in info.split
+    # class balance is kept by the stratified split: every digit 25 % held out (+-1)
+    held = np.bincount(digits.target[test_idx], minlength=10)
+    assert (np.abs(held - np.bincount(digits.target, minlength=10) * 0.25) <= 1).all()
+
+
 def test_digits_flip_is_a_function_of_seed_epoch_index():
     d = DigitsDataset(8, random_flip=True, seed=0)
     flips = [not torch.equal(d[i], d.images[i]) for i in range(40)]
@@ -110,33 +137,34 @@ def _write_folder(root, with_bad=True):
 
 def test_image_folder_skips_and_counts_unreadable_files(tmp_path):
     _write_folder(tmp_path / "imgs")
-    ds = build_train_dataset(None, str(tmp_path / "imgs"), 8, center_crop=True, random_flip=False)
+    ds = build_train_dataset(folder(tmp_path / "imgs"))
     assert isinstance(ds, HFImageDataset)
-    assert len(ds) == 5 and ds.num_skipped == 2 and ds.num_channels == 3
+    assert len(ds) == 5 and ds.info.num_skipped == 2 and ds.info.num_channels == 3 and ds.info.num_images == 5
+    assert ds.info.is_local and ds.info.name == str(tmp_path / "imgs") and ds.info.labels is None
     batch = torch.stack([ds[i] for i in range(len(ds))])
     assert batch.shape == (5, 3, 8, 8) and batch.min() >= -1 and batch.max() <= 1
-    gray = build_train_dataset(None, str(tmp_path / "imgs"), 8, True, False, num_channels=1)
+    gray = build_train_dataset(folder(tmp_path / "imgs", num_channels=1))
     assert gray[0].shape == (1, 8, 8)
 
 
 def test_bad_sources_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="train_data_dir"):
-        build_train_dataset(None, str(tmp_path / "empty"), 8, True, False)
+        build_train_dataset(folder(tmp_path / "empty"))
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("hello")
     with pytest.raises(ValueError, match="train_data_dir"):
-        build_train_dataset(None, str(tmp_path / "texts"), 8, True, False)
+        build_train_dataset(folder(tmp_path / "texts"))
     (tmp_path / "allbad").mkdir()
     (tmp_path / "allbad" / "x.png").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="could be read"):
-        build_train_dataset(None, str(tmp_path / "allbad"), 8, True, False)
+        build_train_dataset(folder(tmp_path / "allbad"))
     with pytest.raises(ValueError, match="not a directory"):
-        build_train_dataset(None, str(tmp_path / "missing"), 8, True, False)
+        build_train_dataset(folder(tmp_path / "missing"))
     with pytest.raises(ValueError, match="not both"):
-        build_train_dataset("x", str(tmp_path / "empty"), 8, True, False)
+        build_train_dataset(DataConfig(dataset_name="x", train_data_dir=str(tmp_path / "empty")))
     with pytest.raises(ValueError, match="num_channels"):
-        build_train_dataset(None, None, 8, True, False, num_channels=3)
+        build_train_dataset(DataConfig(resolution=8, num_channels=3))
 
 
 def test_dataset_name_loads_a_local_dataset_with_a_custom_column(tmp_path):
@@ -147,8 +175,29 @@ def test_dataset_name_loads_a_local_dataset_with_a_custom_column(tmp_path):
     ds = datasets.Dataset.from_dict({"picture": files}).cast_column("picture", datasets.Image())
     (tmp_path / "local").mkdir()
     ds.to_parquet(str(tmp_path / "local" / "train.parquet"))
-    train = build_train_dataset(str(tmp_path / "local"), None, 8, True, False, image_column="picture",
-                                cache_dir=str(tmp_path / "cache"))
-    assert len(train) == 5 and train.num_channels == 3 and train[0].shape == (3, 8, 8)
+    train = build_train_dataset(DataConfig(dataset_name=str(tmp_path / "local"), resolution=8, center_crop=True,
+                                           image_column="picture", cache_dir=str(tmp_path / "cache")))
+    assert len(train) == 5 and train.info.num_channels == 3 and train[0].shape == (3, 8, 8)
+    assert train.info.is_local
     with pytest.raises(ValueError, match="--image_column 'image'"):
         HFImageDataset(ds, "image", ImageTransform(8))
+
+
+def test_a_class_label_column_is_recorded_and_its_being_ignored_is_logged(tmp_path, caplog):
+    """imagefolder turns sub-folders into a ClassLabel column: the contract keeps it, the log says it is unused."""
+    import logging
+
+    from ddpm_hf.training.components import log_dataset
+
+    for cls, value in (("cat", 40), ("dog", 200)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    ds = build_train_dataset(folder(tmp_path / "imgs"))
+    assert ds.info.label_column == "label" and ds.info.class_names == ("cat", "dog")
+    # each label matches its image: the cat folder's images are the dark ones
+    dark = [bool(ds[i].mean() < 0) for i in range(len(ds))]
+    assert [ds.info.class_names[label] == "cat" for label in ds.info.labels.tolist()] == dark
+    with caplog.at_level(logging.INFO, logger="ddpm_hf.train"):
+        log_dataset(ds)
+    assert "Label column 'label' found (2 classes): ignored" in caplog.text

@@ -1,4 +1,4 @@
-"""Fuzz every training argument through `training/args.py:validate` (what flags and JSON configs both go through).
+"""Fuzz every training argument through `ddpm_hf.training.args.validate` (what flags and JSON configs both go through).
 
 A JSON config (`train.py config.json`) reaches the dataclasses without HfArgumentParser's type conversion, so
 validation must catch wrong types too: `{"use_ema": "false"}` must not silently mean True.
@@ -6,21 +6,18 @@ validation must catch wrong types too: `{"use_ema": "false"}` must not silently 
 
 import dataclasses
 import math
-import os
-import sys
 import typing
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
-import args as train_args  # noqa: E402
+from ddpm_hf.training import args as train_args
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 ANYTHING = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6), st.sampled_from([0, -1, 2**63, 10**30]),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
-    st.sampled_from(["linear", "tiny", "epsilon", "no", "fp16", "cosine", "false"]),
+    st.sampled_from(["linear", "tiny", "epsilon", "no", "fp16", "cosine", "false", "learned", "mit", "Apache 2.0"]),
     st.lists(st.integers(), max_size=2), st.just([]), st.just({}),
 )
 GROUPS = (train_args.DataArguments, train_args.ModelArguments, train_args.TrainingArguments)
@@ -53,6 +50,8 @@ def test_every_argument(index, value):
         return
     assert has_declared_type(value, typing.get_type_hints(group)[name]), f"--{name}={value!r} was accepted"
     assert not (isinstance(value, float) and not math.isfinite(value)), f"--{name}={value!r} was accepted"
+    choices = next(f.metadata.get("choices") for f in dataclasses.fields(group) if f.name == name)
+    assert choices is None or value is None or value in choices, f"--{name}={value!r} was accepted"
 
 
 def test_defaults_are_valid():

@@ -13,7 +13,7 @@ import pytest
 from fault_injection import tiny_train_args
 from PIL import Image
 
-from ddpm_hf.data import build_train_dataset
+from ddpm_hf.data import DataConfig, build_train_dataset
 
 
 def save(path, mode, size, value=None, seed=0):
@@ -118,8 +118,8 @@ def test_every_mode_converts_to_the_right_values(tmp_path):
     save(folder / "c_rgba.png", "RGBA", (4, 4), value=0)  # fully transparent: composited on white
     save(folder / "d_palette.png", "P", (8, 8), value=0)
     save(folder / "e_rgb.png", "RGB", (3, 5), value=128)  # smaller than the resolution: upscaled
-    dataset = build_train_dataset(None, str(folder), 8, True, False)
-    assert dataset.num_channels == 3 and len(dataset) == 5
+    dataset = build_train_dataset(DataConfig(train_data_dir=str(folder), resolution=8, center_crop=True))
+    assert dataset.info.num_channels == 3 and len(dataset) == 5
     by_name = sorted(range(5), key=lambda i: str(dataset.records[dataset.valid[i]]["path"]))
     values = [dataset[i] for i in by_name]
     assert all(v.shape == (3, 8, 8) for v in values)

@@ -68,8 +68,8 @@ def test_sigkill_then_resume_latest_is_bit_identical_to_an_uninterrupted_run(tmp
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
 def test_two_processes_train_and_write_the_export_once(tmp_path):
-    # facts.md: `accelerate launch --cpu --num_processes 2` silently runs one process; --multi_gpu gives two
-    # gloo ranks on a GPU-less machine only with ACCELERATE_USE_CPU=1. The log, not the launcher, proves it.
+    # accelerate 1.15: `accelerate launch --cpu --num_processes 2` silently runs one process; --multi_gpu gives two
+    # gloo ranks on a GPU-less machine only with ACCELERATE_USE_CPU=1 (docs/training.md). The log proves it.
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
     flags = tiny_flags(tmp_path, max_train_steps=3, checkpointing_steps=2, train_batch_size=64)

@@ -7,8 +7,8 @@ holding our completion marker counts as a checkpoint. A kill mid-save therefore 
 successful save and never removes the checkpoint just written.
 
 Our files in each checkpoint (besides accelerate's ``model.safetensors``, ``optimizer.bin``,
-``random_states_<rank>.pkl``): ``training_state.json`` (step, epoch, position in the epoch, LR scheduler state,
-EMA counters), ``ema.safetensors`` (EMA weights) and ``generator_<rank>.safetensors`` (the noise/timestep RNG).
+``random_states_<rank>.pkl``): ``training_state.json`` (step, epoch, position in the epoch, wall time so far,
+LR scheduler state, EMA counters), ``ema.safetensors`` (EMA weights) and ``generator_<rank>.safetensors`` (the noise/timestep RNG).
 
 Resuming checks every file first (``check_checkpoint_files``): a missing, truncated or corrupt file, or weights of
 another model config, stop the run with a ValueError naming the file before any state is restored.
@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import zipfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -42,12 +43,38 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class TrainProgress:
-    """Where training stands: optimizer steps done, the epoch, and micro-batches consumed in that epoch."""
+    """Where training stands: optimizer steps done, the epoch, micro-batches consumed in that epoch, steps skipped
+    for a non-finite loss, and the run's wall time up to the last checkpoint (all sessions together)."""
 
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
     skipped_nonfinite: int = 0
+    wall_time_s: float = 0.0
+
+
+class RunClock:
+    """Wall time of a whole run across resumes: the time saved in the checkpoint plus this session's time.
+
+    A session starts when the clock is made (at the start of the training script); `resume_from` adds what
+    the checkpoint recorded. Time between the last checkpoint and a kill is lost with the rest of that work.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self._before = 0.0
+
+    def resume_from(self, wall_time_s: float) -> None:
+        """Count ``wall_time_s`` (the checkpoint's total) as done before this session."""
+        self._before = float(wall_time_s)
+
+    def session_s(self) -> float:
+        """Seconds since this session started."""
+        return time.perf_counter() - self.started
+
+    def total_s(self) -> float:
+        """Seconds of the whole run so far."""
+        return self._before + self.session_s()
 
 
 def is_complete(path: str) -> bool:
@@ -164,17 +191,20 @@ class StateHooks:
         generator: the per-process RNG for noise and timesteps.
         ema: the `EMA`, or None.
         process_index: this process's rank.
+        clock: the run's `RunClock`: its total is saved as ``progress.wall_time_s`` and restored on load.
     """
 
     def __init__(self, progress: TrainProgress, lr_scheduler: Any, generator: torch.Generator, ema: Any,
-                 process_index: int):
+                 process_index: int, clock: RunClock | None = None):
         self.progress = progress
         self.lr_scheduler = lr_scheduler
         self.generator = generator
         self.ema = ema
         self.process_index = process_index
+        self.clock = clock
 
     def register(self, accelerator: Any) -> None:
+        """Install `save` and `load` as the accelerator's save/load-state pre-hooks."""
         accelerator.register_save_state_pre_hook(lambda models, weights, path: self.save(path))
         accelerator.register_load_state_pre_hook(
             lambda models, path: self.load(path, [accelerator.unwrap_model(m) for m in models]))
@@ -187,6 +217,8 @@ class StateHooks:
         save_file({"state": self.generator.get_state()}, self._generator_file(path))
         if self.process_index != 0:
             return
+        if self.clock is not None:
+            self.progress.wall_time_s = self.clock.total_s()
         state = {"progress": asdict(self.progress), "lr_scheduler": _jsonable(self.lr_scheduler.state_dict())}
         if self.ema is not None:
             ema_state = self.ema.state_dict()
@@ -216,6 +248,8 @@ class StateHooks:
                              f"{self._generator_file(path)} lacks the training state")
         for key, value in state["progress"].items():
             setattr(self.progress, key, value)
+        if self.clock is not None:
+            self.clock.resume_from(self.progress.wall_time_s)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(generator_state)
         if self.ema is not None:

@@ -1,5 +1,9 @@
 """Training data: the built-in digits, `datasets` image sources, and PIL/torch transforms (no torchvision).
 
+One contract for every source: a `TrainDataset` yields ``(C, resolution, resolution)`` float tensors in [-1, 1]
+and describes itself with a `DatasetInfo` (size, channels, resolution, skipped files, optional labels and class
+names, which split it is). `build_train_dataset` turns a `DataConfig` (the ``--dataset_name`` ... flags) into one.
+
 Augmentation randomness is a pure function of ``(seed, epoch, index)`` rather than of a shared RNG, so a
 resumed run sees the same crops and flips as an uninterrupted one even though data loaders prefetch batches
 ahead of the step that a checkpoint records.
@@ -9,8 +13,9 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
-from typing import Any
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -154,6 +159,69 @@ class ImageTransform:
         return image[:, top : top + self.resolution, left : left + self.resolution]
 
 
+# ---- the dataset contract ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are prepared (the data flags of ``training/train.py``).
+
+    Neither ``dataset_name`` nor ``train_data_dir``: the built-in digits (their fixed "train" split).
+    """
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name or local path. Neither this "
+                                     "nor --train_data_dir: the built-in sklearn digits (no download)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's config name."})
+    train_data_dir: str | None = field(default=None, metadata={"help": "A folder of images (datasets' imagefolder)."})
+    image_column: str = field(default="image", metadata={"help": "The dataset column holding the images."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where `datasets` caches downloads."})
+    resolution: int = field(default=16, metadata={"help": "Side of the square training images."})
+    center_crop: bool = field(default=False, metadata={"help": "Centre crop (default: random crop)."})
+    random_flip: bool = field(default=False, metadata={"help": "Random horizontal flips."})
+    num_channels: int | None = field(default=None, metadata={"help": "1 or 3; default: from the data."})
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the training loop, the logs and the model card know about a training set.
+
+    Args:
+        name: the source as the user named it (``DIGITS_NAME`` for the built-in digits).
+        is_local: whether ``name`` is a local folder or file rather than a Hub dataset or the built-in digits.
+        split: which images of the source are trained on, in words.
+        num_images: readable images trained on.
+        num_channels: 1 or 3.
+        resolution: side of the square images.
+        num_skipped: unreadable images left out.
+        labels: the class of each image (int64, aligned with the dataset's indices), or None.
+        label_column: where the labels came from, or None.
+        class_names: the name of each class id, or None.
+    """
+
+    name: str
+    is_local: bool
+    split: str
+    num_images: int
+    num_channels: int
+    resolution: int
+    num_skipped: int = 0
+    labels: torch.Tensor | None = None
+    label_column: str | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+class TrainDataset(Protocol):
+    """A map-style training set: ``info``, ``len``, ``(C, H, W)`` tensors in [-1, 1], ``set_epoch`` for augmentation."""
+
+    info: DatasetInfo
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
 # ---- datasets ----------------------------------------------------------------------------------------------------
 
 
@@ -168,19 +236,42 @@ class EpochDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
 
+def digits_split_text() -> str:
+    """The built-in digits' training split in words, e.g. "1,347 of the 1,797 digits (stratified 75 %, ...)"."""
+    from .evaluate import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split_indices
+
+    train, total = len(digits_split_indices("train")), len(digits_split_indices("all"))
+    return (f"the fixed 'train' split: {train:,} of the {total:,} digits (stratified "
+            f"{100 * (1 - DIGITS_TEST_FRACTION):g} %, seed {DIGITS_SPLIT_SEED}); {total - train:,} held out")
+
+
 class DigitsDataset(EpochDataset):
-    """The built-in digits; ``random_flip`` flips per (seed, epoch, index).
+    """The built-in digits of one fixed split; ``random_flip`` flips per (seed, epoch, index).
+
+    The split is ``ddpm_hf.evaluate.digits_split_indices``: training uses "train" only, so that evaluation can
+    score against "test" images the model never saw.
 
     Args:
         resolution: side length (see `load_digits_tensor`).
         random_flip: horizontal flips (off by default: digits are not mirror-symmetric).
         seed: base seed of the flips.
+        split: "train", "test" or "all".
     """
 
-    def __init__(self, resolution: int = 16, random_flip: bool = False, seed: int = 0):
+    def __init__(self, resolution: int = 16, random_flip: bool = False, seed: int = 0, split: str = "train"):
         super().__init__(seed)
-        self.images = load_digits_tensor(resolution)
+        from sklearn.datasets import load_digits
+
+        from .evaluate import digits_split_indices
+
+        indices = torch.from_numpy(digits_split_indices(split))
+        self.images = load_digits_tensor(resolution)[indices]
         self.random_flip = random_flip
+        self.info = DatasetInfo(
+            name=DIGITS_NAME, is_local=False, split=digits_split_text() if split == "train" else f"'{split}' split",
+            num_images=len(indices), num_channels=1, resolution=resolution,
+            labels=torch.from_numpy(load_digits().target)[indices].long(), label_column="target",
+            class_names=tuple(str(digit) for digit in range(10)))
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -208,8 +299,19 @@ def _open_image(record: Any) -> Image.Image:
     return image
 
 
+def find_labels(dataset: Any, image_column: str) -> tuple[str | None, list[int] | None, tuple[str, ...] | None]:
+    """The first class-label column of a `datasets.Dataset` (a ``ClassLabel`` feature, e.g. imagefolder's
+    ``label``): ``(column, labels, class_names)``, or three Nones."""
+    import datasets
+
+    for name, feature in dataset.features.items():
+        if name != image_column and isinstance(feature, datasets.ClassLabel):
+            return name, list(dataset[name]), tuple(feature.names)
+    return None, None, None
+
+
 class HFImageDataset(EpochDataset):
-    """Images from a `datasets.Dataset` column, skipping unreadable files (counted in ``num_skipped``).
+    """Images from a `datasets.Dataset` column, skipping unreadable files (counted in ``info.num_skipped``).
 
     Every image is decoded once up front: the unreadable ones are known (and logged) before training
     starts, the batch size never changes mid-epoch, and the number of channels can come from the data.
@@ -221,10 +323,13 @@ class HFImageDataset(EpochDataset):
         num_channels: 1 or 3, or None to use 1 when every image is grey and 3 otherwise.
         seed: base seed of the random crops and flips.
         source: where the images come from (a flag and its value), for error messages.
+        name: the source as the user named it, for ``info``.
+        is_local: whether ``name`` is a local path.
     """
 
     def __init__(self, dataset: Any, image_column: str, transform: ImageTransform,
-                 num_channels: int | None = None, seed: int = 0, source: str = "the dataset"):
+                 num_channels: int | None = None, seed: int = 0, source: str = "the dataset",
+                 name: str = "dataset", is_local: bool = True):
         super().__init__(seed)
         if image_column not in dataset.column_names:
             raise ValueError(
@@ -236,7 +341,18 @@ class HFImageDataset(EpochDataset):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.records = dataset[image_column]
         self.transform = transform
-        self.valid: list[int] = []
+        self.valid, any_colour = self._scan(source, image_column)
+        label_column, labels, class_names = find_labels(dataset, image_column)
+        self.info = DatasetInfo(
+            name=name, is_local=is_local, split=f"the 'train' split of {source}", num_images=len(self.valid),
+            num_channels=num_channels if num_channels is not None else (3 if any_colour else 1),
+            resolution=transform.resolution, num_skipped=len(self.records) - len(self.valid),
+            labels=None if labels is None else torch.tensor([labels[i] for i in self.valid], dtype=torch.long),
+            label_column=label_column, class_names=class_names)
+
+    def _scan(self, source: str, image_column: str) -> tuple[list[int], bool]:
+        """Decode every record once: the readable indices, and whether any of them is in colour."""
+        valid: list[int] = []
         any_colour = False
         first_error = None
         for i, record in enumerate(self.records):
@@ -247,53 +363,56 @@ class HFImageDataset(EpochDataset):
                 if first_error is None:
                     first_error = err
                 continue
-            self.valid.append(i)
-        self.num_skipped = len(self.records) - len(self.valid)
-        if self.num_skipped:
-            logger.warning("Skipped %d unreadable image(s) of %d in %s", self.num_skipped, len(self.records), source)
-        if not self.valid:
+            valid.append(i)
+        skipped = len(self.records) - len(valid)
+        if skipped:
+            logger.warning("Skipped %d unreadable image(s) of %d in %s", skipped, len(self.records), source)
+        if not valid:
             raise ValueError(f"none of the {len(self.records)} images in {source} (column {image_column!r}) could "
                              f"be read; the first error: {type(first_error).__name__}: {first_error}")
-        self.num_channels = num_channels if num_channels is not None else (3 if any_colour else 1)
+        return valid, any_colour
 
     def __len__(self) -> int:
         return len(self.valid)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         source = self.valid[index]
-        image = pil_to_float(_open_image(self.records[source]), self.num_channels)
+        image = pil_to_float(_open_image(self.records[source]), self.info.num_channels)
         needs_rng = self.transform.random_flip or not self.transform.center_crop
         generator = item_generator(self.seed, self.epoch, index) if needs_rng else None
         return self.transform(image, generator)
 
 
-def _source(dataset_name: str | None, train_data_dir: str | None) -> str:
+def _source(config: DataConfig) -> str:
     """The flag and value the images come from, as error messages name it."""
-    if train_data_dir is not None:
-        return f"--train_data_dir {train_data_dir!r}"
-    return f"--dataset_name {dataset_name!r}"
+    if config.train_data_dir is not None:
+        return f"--train_data_dir {config.train_data_dir!r}"
+    return f"--dataset_name {config.dataset_name!r}"
 
 
-def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, dataset_config_name: str | None = None,
-                    cache_dir: str | None = None) -> Any:
+def load_hf_dataset(config: DataConfig) -> Any:
     """Load the ``train`` split through `datasets.load_dataset` (a name or local path, or an imagefolder).
+
+    Args:
+        config: the source (``dataset_name`` + ``dataset_config_name``, or ``train_data_dir``) and ``cache_dir``.
+
+    Returns:
+        The `datasets.Dataset`.
 
     Raises:
         ValueError: when the source is missing, empty, or holds no images.
     """
     import datasets
 
-    source = _source(dataset_name, train_data_dir)
-    if train_data_dir is not None:
-        import os
-
-        if not os.path.isdir(train_data_dir):
+    source = _source(config)
+    if config.train_data_dir is not None:
+        if not os.path.isdir(config.train_data_dir):
             raise ValueError(f"{source} is not a directory")
-        path, name, data_dir = "imagefolder", None, train_data_dir
+        path, name, data_dir = "imagefolder", None, config.train_data_dir
     else:
-        path, name, data_dir = dataset_name, dataset_config_name, None
+        path, name, data_dir = config.dataset_name, config.dataset_config_name, None
     try:
-        dataset = datasets.load_dataset(path, name, data_dir=data_dir, cache_dir=cache_dir, split="train")
+        dataset = datasets.load_dataset(path, name, data_dir=data_dir, cache_dir=config.cache_dir, split="train")
     except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as err:
         raise ValueError(f"could not load images from {source}: {err}") from err
     if len(dataset) == 0:
@@ -301,28 +420,28 @@ def load_hf_dataset(dataset_name: str | None, train_data_dir: str | None, datase
     return dataset
 
 
-def build_train_dataset(dataset_name: str | None, train_data_dir: str | None, resolution: int,
-                        center_crop: bool, random_flip: bool, image_column: str = "image",
-                        num_channels: int | None = None, seed: int = 0, dataset_config_name: str | None = None,
-                        cache_dir: str | None = None) -> EpochDataset:
-    """The training dataset the flags ask for: the built-in digits when neither source is given.
+def build_train_dataset(config: DataConfig, seed: int = 0) -> TrainDataset:
+    """The training dataset ``config`` asks for: the built-in digits' "train" split when it names no source.
+
+    Args:
+        config: the data flags.
+        seed: base seed of the random crops and flips.
 
     Returns:
-        An `EpochDataset` whose items are ``(C, resolution, resolution)`` float tensors in [-1, 1]; it has a
-        ``num_channels`` attribute.
+        A `TrainDataset` whose items are ``(C, resolution, resolution)`` float tensors in [-1, 1].
     """
-    if dataset_name is None and train_data_dir is None:
-        if num_channels not in (None, 1):
-            raise ValueError(f"the built-in digits have 1 channel; --num_channels {num_channels} is not possible")
-        dataset = DigitsDataset(resolution, random_flip=random_flip, seed=seed)
-        dataset.num_channels = 1
-        return dataset
-    if dataset_name is not None and train_data_dir is not None:
+    if config.dataset_name is None and config.train_data_dir is None:
+        if config.num_channels not in (None, 1):
+            raise ValueError(f"the built-in digits have 1 channel; --num_channels {config.num_channels} is not "
+                             "possible")
+        return DigitsDataset(config.resolution, random_flip=config.random_flip, seed=seed)
+    if config.dataset_name is not None and config.train_data_dir is not None:
         raise ValueError("give --dataset_name or --train_data_dir, not both")
-    hf_dataset = load_hf_dataset(dataset_name, train_data_dir, dataset_config_name, cache_dir)
-    transform = ImageTransform(resolution, center_crop=center_crop, random_flip=random_flip)
-    return HFImageDataset(hf_dataset, image_column, transform, num_channels=num_channels, seed=seed,
-                          source=_source(dataset_name, train_data_dir))
+    hf_dataset = load_hf_dataset(config)
+    transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
+    name = config.train_data_dir if config.train_data_dir is not None else config.dataset_name
+    return HFImageDataset(hf_dataset, config.image_column, transform, num_channels=config.num_channels, seed=seed,
+                          source=_source(config), name=name, is_local=os.path.exists(name))
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

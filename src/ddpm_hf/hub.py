@@ -1,7 +1,7 @@
 """Pushing a training run's export folder to the Hugging Face Hub, in the background, without ever failing training.
 
 Where diffusers' ``train_unconditional.py`` uploads its whole output folder (checkpoints with optimizer states
-and RNG pickles, tensorboard logs) and ignores ``--hub_private_repo`` (facts.md), :class:`HubPusher` creates
+and RNG pickles, tensorboard logs) and ignores ``--hub_private_repo`` (docs/hub.md), :class:`HubPusher` creates
 the repo with the requested visibility and uploads only the export files. Each push copies the allowed files
 to a private staging folder first, so the upload sees one consistent export even while training keeps
 writing, and a single background worker uploads it with retries and exponential backoff on server errors,

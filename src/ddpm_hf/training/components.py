@@ -1,0 +1,231 @@
+"""Building the parts of a training run from its arguments: accelerator, network, noise scheduler, optimiser,
+LR schedule, EMA and data loader, bundled in a `TrainingRun`.
+
+Each builder is a small function so that Python users can assemble a run of their own (another network class,
+another optimiser) and hand it to `ddpm_hf.training.loop.train_loop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+
+from ..checkpointing import RunClock, StateHooks, TrainProgress
+from ..data import EpochShuffleSampler, TrainDataset
+from ..ema import EMA
+from .args import MODEL_PRESETS, DataArguments, ModelArguments, TrainingArguments
+from .objective import DiffusionObjective
+
+logger = logging.getLogger("ddpm_hf.train")
+
+
+@dataclass(frozen=True)
+class PipelineClasses:
+    """The classes a run builds and exports: by default ddpm_hf's drop-ins for diffusers' classes.
+
+    Args:
+        unet: the network class (``from_config``, ``save_pretrained``).
+        ddpm_scheduler: the training / export scheduler class.
+        ddim_scheduler: the class of the DDIM grid sampler.
+        pipeline: the exported pipeline class.
+    """
+
+    unet: type
+    ddpm_scheduler: type
+    ddim_scheduler: type
+    pipeline: type
+
+    @classmethod
+    def ddpm_hf(cls) -> "PipelineClasses":
+        """ddpm_hf's UNet2DModel, DDPMScheduler, DDIMScheduler and DDPMPipeline."""
+        from ..models import UNet2DModel
+        from ..pipeline import DDPMPipeline
+        from ..schedulers import DDIMScheduler, DDPMScheduler
+
+        return cls(UNet2DModel, DDPMScheduler, DDIMScheduler, DDPMPipeline)
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop and the export act on; built by `build_run`.
+
+    ``max_steps`` and ``batches_per_epoch`` count optimizer steps and micro-batches of one process.
+    """
+
+    accelerator: Accelerator
+    data_args: DataArguments
+    model_args: ModelArguments
+    args: TrainingArguments
+    dataset: TrainDataset
+    classes: PipelineClasses
+    model: torch.nn.Module
+    noise_scheduler: Any
+    objective: DiffusionObjective
+    optimizer: torch.optim.Optimizer
+    dataloader: torch.utils.data.DataLoader
+    lr_scheduler: Any
+    ema: EMA | None
+    generator: torch.Generator
+    max_steps: int
+    batches_per_epoch: int
+    clock: RunClock
+    progress: TrainProgress = field(default_factory=TrainProgress)
+
+
+def configure_threads(requested: int | None, device: torch.device) -> int:
+    """Pin torch's CPU threads: 1 unless asked or OMP_NUM_THREADS says otherwise.
+
+    On a small shared CPU torch's default (one thread per core) was 3-12x slower for this tiny net than one
+    thread whenever another process wanted a core (docs/training.md).
+
+    Args:
+        requested: ``--num_threads`` (None: the default above).
+        device: the training device; on accelerators torch's own setting stays.
+
+    Returns:
+        The thread count now in force.
+    """
+    if requested is None:
+        requested = int(os.environ.get("OMP_NUM_THREADS", "1")) if device.type == "cpu" else torch.get_num_threads()
+    torch.set_num_threads(max(1, requested))
+    return torch.get_num_threads()
+
+
+def check_world_size(accelerator: Accelerator) -> None:
+    """Refuse N launched processes that each think they are alone (they would all write the same files).
+
+    accelerate 1.15 does this on a GPU-less machine for `accelerate launch --multi_gpu` without
+    ACCELERATE_USE_CPU=1 (and `--cpu --num_processes 2` starts only one process).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"launched {world_size} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); on a machine without GPUs set ACCELERATE_USE_CPU=1, e.g. "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 training/train.py`"
+        )
+
+
+def setup_accelerator(args: TrainingArguments) -> Accelerator:
+    """The accelerator, logging (INFO on the main process), torch threads and global seeds.
+
+    Args:
+        args: mixed precision, logger, output and logging folders, threads and seed.
+
+    Returns:
+        The accelerator.
+    """
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    check_world_size(accelerator)
+    threads = configure_threads(args.num_threads, accelerator.device)
+    logger.info("num_processes=%d device=%s mixed_precision=%s torch_threads=%d", accelerator.num_processes,
+                accelerator.device, accelerator.mixed_precision, threads)
+    set_seed(args.seed)
+    return accelerator
+
+
+def unet_config(model_args: ModelArguments, resolution: int, channels: int, unet_cls: type) -> dict:
+    """The network config: a preset or a config file, with size and channels from the data.
+
+    Raises:
+        ValueError: the network cannot take ``resolution`` (names the multiple it needs).
+    """
+    if model_args.model_config_name_or_path is not None:
+        config = dict(unet_cls.load_config(model_args.model_config_name_or_path))
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+    else:
+        config = dict(MODEL_PRESETS[model_args.model_preset])
+    out_channels = 2 * channels if model_args.variance_type == "learned_range" else channels
+    config.update(sample_size=resolution, in_channels=channels, out_channels=out_channels)
+    factor = 2 ** (len(config.get("down_block_types", ())) - 1)
+    if resolution % factor:
+        raise ValueError(
+            f"--resolution {resolution} cannot go through this network: it halves the image "
+            f"{int(math.log2(factor))} times, so the resolution must be a multiple of {factor}"
+        )
+    return config
+
+
+def make_dataloader(dataset: TrainDataset, batch_size: int, seed: int,
+                    num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches in a (seed, epoch) permutation that every process shares; accelerate shards them."""
+    sampler = EpochShuffleSampler(len(dataset), seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                                       drop_last=False)
+
+
+def log_dataset(dataset: TrainDataset) -> None:
+    """One line about the training images, and one about labels that unconditional training leaves unused."""
+    info = dataset.info
+    logger.info("Training images: %d (%d channel(s), %dx%d), skipped unreadable: %d; %s", info.num_images,
+                info.num_channels, info.resolution, info.resolution, info.num_skipped, info.split)
+    if info.labels is not None:
+        logger.info("Label column %r found (%d classes): ignored, this training is unconditional",
+                    info.label_column, len(info.class_names or ()) or int(info.labels.max()) + 1)
+
+
+def build_noise_scheduler(model_args: ModelArguments, classes: PipelineClasses) -> Any:
+    """The DDPM scheduler saved with the export; the training objective reads its config."""
+    return classes.ddpm_scheduler(num_train_timesteps=model_args.ddpm_num_steps,
+                                  beta_schedule=model_args.ddpm_beta_schedule,
+                                  prediction_type=model_args.prediction_type, variance_type=model_args.variance_type)
+
+
+def build_run(accelerator: Accelerator, dataset: TrainDataset, data_args: DataArguments, model_args: ModelArguments,
+              args: TrainingArguments, clock: RunClock,
+              classes: PipelineClasses | None = None) -> TrainingRun:
+    """Network, scheduler, objective, optimiser, LR schedule, EMA and loader, prepared by the accelerator.
+
+    Args:
+        accelerator: from `setup_accelerator`.
+        dataset: the training set.
+        data_args, model_args, args: the run's arguments.
+        clock: the run's wall clock (checkpointed, so it spans resumes).
+        classes: the classes to build and export (default: `PipelineClasses.ddpm_hf`).
+
+    Returns:
+        The run, at step 0 (`ddpm_hf.training.loop.resume` moves it to a checkpoint).
+    """
+    classes = classes or PipelineClasses.ddpm_hf()
+    model = classes.unet.from_config(unet_config(model_args, data_args.resolution, dataset.info.num_channels,
+                                                 classes.unet))
+    logger.info("UNet parameters: %d", sum(p.numel() for p in model.parameters()))
+    noise_scheduler = build_noise_scheduler(model_args, classes)
+    objective = DiffusionObjective.from_scheduler(noise_scheduler, args.snr_gamma, accelerator.device)
+    dataloader = make_dataloader(dataset, args.train_batch_size, args.seed, data_args.dataloader_num_workers)
+    # The fused kernel: 3x faster than the per-tensor loop torch picks for CPU tensors.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=accelerator.device.type in ("cpu", "cuda"))
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    # Schedule lengths in optimizer steps: accumulation groups end at every `accum`-th batch and at the epoch end.
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    # Not passed to accelerator.prepare: accelerate would step it num_processes times per optimizer step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    ema = EMA(accelerator.unwrap_model(model).parameters(), max_decay=args.ema_max_decay, warmup=args.ema_warmup,
+              inv_gamma=args.ema_inv_gamma, power=args.ema_power, min_decay=args.ema_min_decay) if args.use_ema else None
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 7919 + accelerator.process_index)
+    run = TrainingRun(accelerator, data_args, model_args, args, dataset, classes, model, noise_scheduler, objective,
+                      optimizer, dataloader, lr_scheduler, ema, generator, max_steps, len(dataloader), clock)
+    StateHooks(run.progress, lr_scheduler, generator, ema, accelerator.process_index, clock).register(accelerator)
+    logger.info("Steps: %d optimizer steps, %d per epoch; total batch %d", max_steps, steps_per_epoch,
+                args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)
+    return run

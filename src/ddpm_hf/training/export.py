@@ -1,0 +1,232 @@
+"""What a run leaves behind: the stock-loadable export folder, the sample grid, the model card, the evaluation
+and the Hub push, written periodically and at the end (main process only).
+
+The export is written to ``.export.partial/`` and swapped in entry by entry, ``model_index.json`` last, so a
+reader that sees it sees complete component folders. ``unet/`` holds the EMA weights (the raw ones without
+EMA), ``unet_raw/`` the trained ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data import DigitsDataset
+from .args import public_args
+from .components import TrainingRun
+
+logger = logging.getLogger("ddpm_hf.train")
+GRID_FILENAME = "samples.png"
+
+
+def build_pipeline(run: TrainingRun) -> Any:
+    """A pipeline on the EMA weights (or the raw ones without EMA); the training model is not touched."""
+    unet = copy.deepcopy(run.accelerator.unwrap_model(run.model)).float().eval()
+    if run.ema is not None:
+        run.ema.copy_to(unet.parameters())
+    return run.classes.pipeline(unet=unet, scheduler=run.noise_scheduler)
+
+
+def save_export(run: TrainingRun, pipeline: Any) -> None:
+    """Write the stock-loadable pipeline (EMA unet) and ``unet_raw/``, swapping each entry in atomically."""
+    output_dir = run.args.output_dir
+    staging = os.path.join(output_dir, ".export.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    if run.ema is not None:
+        run.accelerator.unwrap_model(run.model).save_pretrained(os.path.join(staging, "unet_raw"))
+    # model_index.json last: a reader that sees it sees complete component folders.
+    names = sorted(os.listdir(staging), key=lambda n: n == "model_index.json")
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def sampling_pipeline(run: TrainingRun, pipeline: Any) -> Any:
+    """The exported pipeline with the --grid_sampler scheduler (DDIM shares the DDPM config's betas)."""
+    if run.model_args.grid_sampler == "ddpm":
+        return pipeline
+    scheduler = run.classes.ddim_scheduler.from_config(pipeline.scheduler.config)
+    sampler = type(pipeline)(unet=pipeline.unet, scheduler=scheduler)
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+def sample_grid(pipeline: Any, num_inference_steps: int, num_images: int, seed: int) -> Image.Image:
+    """Sample a grid with a fixed generator (the same noise every time, so grids compare across steps)."""
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        images = pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps,
+                          output_type="np").images
+    return make_grid(np.asarray(images))
+
+
+def make_grid(images: np.ndarray, min_tile: int = 64) -> Image.Image:
+    """Tile ``(N, H, W, C)`` images in [0, 1] into a near-square grid, upscaled so tiles are visible.
+
+    Args:
+        images: the images.
+        min_tile: tiles are upscaled (nearest) by an integer factor to at least this many pixels.
+
+    Returns:
+        The grid, one pixel of white between tiles.
+    """
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
+    pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8)
+    grid = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
+    scale = max(1, min_tile // h)
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
+def repo_id(run: TrainingRun) -> str:
+    """The Hub repo: ``--hub_model_id``, else the output folder's name."""
+    return run.args.hub_model_id or os.path.basename(os.path.abspath(run.args.output_dir))
+
+
+# ---- evaluation and the card -------------------------------------------------------------------------------------
+
+
+def evaluation_reference(run: TrainingRun, limit: int = 2048) -> tuple[torch.Tensor, str, bool]:
+    """The real images ``--eval`` compares with: ``(images, what they are in words, held out from training?)``.
+
+    The built-in digits are scored against their fixed "test" split, which training never sees; other data
+    against (up to ``limit`` of) the training images themselves, and the card says so.
+    """
+    info = run.dataset.info
+    if isinstance(run.dataset, DigitsDataset):
+        from ..evaluate import digits_real_images
+
+        images = digits_real_images("test", info.resolution, info.num_channels)
+        return images, f"the {len(images):,} digits of the fixed test split (held out from training)", True
+    images = torch.stack([run.dataset[i] for i in range(min(limit, len(run.dataset)))])
+    return images, f"{len(images):,} of the training images (not held out)", False
+
+
+def evaluate_run(run: TrainingRun, sampler: Any, pipeline: Any) -> Any:
+    """Run ``--eval`` on the final pipeline; returns the card's ``EvalFacts`` (its results hold the metrics)."""
+    from ..evaluate import evaluate_pipeline
+    from ..model_card import EvalFacts
+
+    real, reference, heldout = evaluation_reference(run)
+    steps, seed = run.model_args.ddpm_num_inference_steps, run.args.seed
+    results = evaluate_pipeline(sampler, real, num_samples=run.args.eval_num_samples, num_inference_steps=steps,
+                                generator=torch.Generator().manual_seed(seed), likelihood_pipeline=pipeline)
+    logger.info("Evaluation: %s", results)
+    return EvalFacts(sampler=run.model_args.grid_sampler.upper(), num_inference_steps=steps,
+                     weights="EMA" if run.ema is not None else "raw", seed=seed, reference=reference,
+                     heldout=heldout, results=results)
+
+
+def write_card(run: TrainingRun, metrics: dict[str, Any], evaluation: Any = None) -> str:
+    """The model card ``README.md`` from the run's facts (`ddpm_hf.model_card.RunFacts`); returns its path."""
+    from ..model_card import GridFacts, RunFacts, write_model_card
+
+    info, args, model_args = run.dataset.info, run.args, run.model_args
+    grid = GridFacts(filename=GRID_FILENAME, sampler=model_args.grid_sampler.upper(),
+                     num_inference_steps=model_args.ddpm_num_inference_steps,
+                     weights="EMA" if run.ema is not None else "raw", seed=args.seed)
+    facts = RunFacts(training_args=public_args(run.data_args, model_args, args), dataset_name=info.name,
+                     dataset_is_local=info.is_local, train_split=info.split, global_step=run.progress.global_step,
+                     wall_time_s=run.clock.total_s(), license=args.license,
+                     repo_id=repo_id(run) if args.push_to_hub else None, grid=grid, metrics=metrics,
+                     evaluation=evaluation)
+    return write_model_card(args.output_dir, facts)
+
+
+def write_outputs(run: TrainingRun, metrics: dict[str, Any], pusher: Any = None, final: bool = False) -> None:
+    """Export, grid, model card (and on the final call, evaluation), then an async push. Main process only.
+
+    Args:
+        run: the run.
+        metrics: training statistics so far; the final call adds the evaluation results to it.
+        pusher: a `ddpm_hf.hub.HubPusher` to push the export with, or None.
+        final: whether this is the end of training.
+    """
+    pipeline = build_pipeline(run)
+    sampler = sampling_pipeline(run, pipeline)
+    evaluation = evaluate_run(run, sampler, pipeline) if final and run.args.eval else None
+    if evaluation is not None:
+        metrics.update(evaluation.results)
+    save_export(run, pipeline)
+    grid = sample_grid(sampler, run.model_args.ddpm_num_inference_steps, run.args.eval_batch_size, run.args.seed)
+    grid.save(os.path.join(run.args.output_dir, GRID_FILENAME))
+    metrics["wall_time_minutes"] = run.clock.total_s() / 60  # the card's time includes this export
+    write_card(run, metrics, evaluation)
+    if pusher is not None:
+        pusher.push(f"Step {run.progress.global_step}" + (" (final)" if final else ""))
+
+
+class PeriodicOutputs:
+    """The ``on_step_end`` hook of `train_loop`: grids and exports every ``--save_images_steps`` /
+    ``--save_model_steps`` steps (the export is pushed only at ``--save_model_steps``), on the main process.
+
+    Args:
+        run: the run.
+        pusher: the Hub pusher, or None.
+    """
+
+    def __init__(self, run: TrainingRun, pusher: Any = None):
+        self.run = run
+        self.pusher = pusher
+
+    def __call__(self, step: int, metrics: dict[str, Any]) -> None:
+        args = self.run.args
+        periodic_images = args.save_images_steps and step % args.save_images_steps == 0
+        periodic_model = args.save_model_steps and step % args.save_model_steps == 0
+        if self.run.accelerator.is_main_process and step < self.run.max_steps and (periodic_images or periodic_model):
+            metrics.update(global_step=step, wall_time_minutes=self.run.clock.total_s() / 60)
+            write_outputs(self.run, metrics, self.pusher if periodic_model else None, final=False)
+
+
+# ---- the Hub and the end of the run ------------------------------------------------------------------------------
+
+
+def start_pusher(run: TrainingRun) -> Any:
+    """With ``--push_to_hub``, on the main process: a `ddpm_hf.hub.HubPusher` whose repo is created now (a bad
+    token or repo id fails the run before training); else None."""
+    if not (run.args.push_to_hub and run.accelerator.is_main_process):
+        return None
+    from .. import hub  # attribute access at call time: tests stand a fake pusher in for hub.HubPusher
+
+    pusher = hub.HubPusher(repo_id(run), run.args.hub_token, run.args.hub_private_repo, run.args.output_dir)
+    pusher.create()
+    return pusher
+
+
+def finish(run: TrainingRun, metrics: dict[str, Any], pusher: Any = None) -> dict[str, Any]:
+    """The final export, grid, card, evaluation and push (main process), then end the trackers.
+
+    Returns:
+        ``metrics`` with the evaluation results.
+
+    Raises:
+        SystemExit: the final push failed (the local export is intact; the log holds the command to push it).
+    """
+    pushed = True
+    if run.accelerator.is_main_process:
+        write_outputs(run, metrics, pusher, final=True)
+        pushed = pusher.wait() if pusher is not None else True
+        logger.info("Done: %s", metrics)
+    run.accelerator.end_training()
+    if not pushed:
+        raise SystemExit(f"training finished and the export is in {run.args.output_dir}, but the final push failed "
+                         "(see the log above for the command to push it by hand)")
+    return metrics

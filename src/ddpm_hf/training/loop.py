@@ -1,0 +1,315 @@
+"""The training loop over a `TrainingRun`: accumulation groups, the non-finite-loss policy, logging, checkpoints,
+periodic exports, and resuming.
+
+Accumulation groups end at every ``--gradient_accumulation_steps``-th micro-batch and at the epoch end, the LR
+schedule is stepped once per optimizer step, and the position in the epoch is part of the checkpointed
+progress, so a resumed run replays exactly the batches, noise and updates of an uninterrupted one.
+
+Observers (e.g. `ThroughputMeter`) see each optimizer step without being part of the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..checkpointing import TrainProgress, remove_partial, resolve_checkpoint, save_checkpoint
+from .args import public_args
+from .components import TrainingRun
+
+logger = logging.getLogger("ddpm_hf.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf and --skip_nonfinite_steps was not given."""
+
+
+class StepObserver(Protocol):
+    """Told about every optimizer step; for measurements that are not part of training."""
+
+    def on_train_start(self, step: int) -> None: ...
+
+    def on_step(self, step: int, images: int) -> None: ...
+
+    def on_train_end(self) -> None: ...
+
+
+@dataclass
+class _Group:
+    """One accumulation group: where it starts, its size, the RNG state before it, its loss and images."""
+
+    start: int
+    size: int
+    rng_snapshot: tuple[torch.Tensor, torch.Tensor]
+    loss_sum: torch.Tensor
+    images: int = 0
+    grad_norm: torch.Tensor | None = None
+    ema_decay: float | None = None
+
+
+@dataclass
+class _LogWindow:
+    """Scalars accumulated between two log lines."""
+
+    loss: torch.Tensor
+    images: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+# ---- before the loop ---------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(run: TrainingRun) -> None:
+    """Create ``--output_dir`` (emptied first with ``--overwrite_output_dir``) and drop interrupted saves.
+
+    Called only once data and network are validated, so a bad flag leaves nothing behind.
+    """
+    args = run.args
+    if run.accelerator.is_main_process:
+        if args.overwrite_output_dir and os.path.isdir(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_partial(args.output_dir)
+    run.accelerator.wait_for_everyone()
+
+
+def resume(run: TrainingRun) -> None:
+    """Load ``--resume_from_checkpoint`` (``latest``: the newest complete checkpoint, if any) into the run.
+
+    Raises:
+        ValueError: the checkpoint cannot be loaded into this run (names it and the reason).
+    """
+    args = run.args
+    path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        if args.resume_from_checkpoint is not None:
+            logger.info("No checkpoint in %s yet: starting from scratch", args.output_dir)
+        return
+    try:
+        run.accelerator.load_state(path)
+    except (RuntimeError, KeyError, ValueError) as err:  # e.g. another network config: shape mismatch
+        raise ValueError(f"cannot resume from {path}: {err}") from err
+    progress = run.progress
+    logger.info("Resumed from %s at step %d (epoch %d, batch %d)", path, progress.global_step, progress.epoch,
+                progress.batches_in_epoch)
+
+
+def start_trackers(run: TrainingRun) -> None:
+    """Start accelerate's trackers (tensorboard, ...) on the main process, with the scalar arguments as config."""
+    if run.accelerator.is_main_process:
+        config = public_args(run.data_args, run.model_args, run.args)
+        run.accelerator.init_trackers("train", config={k: v for k, v in config.items()
+                                                       if isinstance(v, (int, float, str, bool))})
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+def train_loop(run: TrainingRun, on_step_end: Any = None,
+               observers: Sequence[StepObserver] = ()) -> dict[str, Any]:
+    """Train until ``run.max_steps`` optimizer steps, then save the final checkpoint (every process calls this).
+
+    Args:
+        run: the run, possibly resumed.
+        on_step_end: ``on_step_end(step, metrics)``, called after each optimizer step's logging and checkpoint
+            (the periodic exports hang here); None for none.
+        observers: told about the start, each optimizer step and the end.
+
+    Returns:
+        The metrics: ``train_loss`` (the last logged mean), ``global_step``, ``wall_time_minutes`` (the whole run
+        so far), ``skipped_nonfinite_steps``, ``num_processes``.
+
+    Raises:
+        NonFiniteLossError: a non-finite loss without ``--skip_nonfinite_steps`` (after checkpointing the last
+            good state).
+    """
+    progress, metrics = run.progress, {}
+    bar = tqdm(total=run.max_steps, initial=progress.global_step,
+               disable=not run.accelerator.is_local_main_process, desc="train")
+    window = _LogWindow(torch.zeros((), device=run.accelerator.device))
+    for observer in observers:
+        observer.on_train_start(progress.global_step)
+    run.model.train()
+    while progress.global_step < run.max_steps:
+        for group in _groups(run):
+            window.images += group.images  # skipped steps' images count too: they took the time
+            if not _optimizer_step(run, group):
+                continue
+            bar.update(1)
+            for observer in observers:
+                observer.on_step(progress.global_step, group.images)
+            _log_step(run, window, group, bar, metrics)
+            step = progress.global_step
+            if step % run.args.checkpointing_steps == 0 and step < run.max_steps:
+                save_checkpoint(run.accelerator, run.args.output_dir, step, run.args.checkpoints_total_limit)
+            if on_step_end is not None:
+                on_step_end(step, metrics)
+            if step >= run.max_steps:
+                break
+    for observer in observers:
+        observer.on_train_end()
+    bar.close()
+    save_checkpoint(run.accelerator, run.args.output_dir, progress.global_step, run.args.checkpoints_total_limit)
+    metrics.update(global_step=progress.global_step, wall_time_minutes=run.clock.total_s() / 60,
+                   skipped_nonfinite_steps=progress.skipped_nonfinite, num_processes=run.accelerator.num_processes)
+    return metrics
+
+
+def _groups(run: TrainingRun):
+    """This epoch's accumulation groups, from where the progress stands; each yielded after its backward passes."""
+    progress, accelerator, accum = run.progress, run.accelerator, run.args.gradient_accumulation_steps
+    loader = run.dataloader
+    if progress.batches_in_epoch:
+        loader = accelerator.skip_first_batches(run.dataloader, progress.batches_in_epoch)
+    loader.set_epoch(progress.epoch)  # sampler permutation and augmentation of this epoch
+    group = None
+    for batch in loader:
+        index = progress.batches_in_epoch
+        if group is None:
+            start = index - index % accum
+            # Enough to rewind to the end of the last good step if this one turns out non-finite.
+            group = _Group(start, min(accum, run.batches_per_epoch - start),
+                           (run.generator.get_state(), torch.get_rng_state()),
+                           torch.zeros((), device=accelerator.device))
+        last_in_group = index - group.start + 1 == group.size
+        with contextlib.nullcontext() if last_in_group else accelerator.no_sync(run.model):
+            loss = run.objective.loss(run.model, batch, run.generator, model_kwargs={})
+            accelerator.backward(loss / group.size)
+        group.loss_sum += loss.detach() / group.size
+        progress.batches_in_epoch += 1
+        group.images += batch.shape[0] * accelerator.num_processes
+        if last_in_group:
+            yield group
+            group = None
+
+
+def _optimizer_step(run: TrainingRun, group: _Group) -> bool:
+    """Clip, step the optimizer, LR schedule and EMA; False when a non-finite loss was skipped instead."""
+    accelerator, progress = run.accelerator, run.progress
+    if not all_finite(accelerator, group.loss_sum):
+        run.optimizer.zero_grad(set_to_none=True)
+        if not run.args.skip_nonfinite_steps:
+            _stop_on_nonfinite(run, group)
+        progress.skipped_nonfinite += 1
+        logger.warning("Non-finite loss at step %d: update skipped (%d skipped so far)", progress.global_step + 1,
+                       progress.skipped_nonfinite)
+        _finish_epoch_if_done(progress, run.batches_per_epoch)
+        return False
+    max_norm = run.args.max_grad_norm
+    group.grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), max_norm) if max_norm else None
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    group.ema_decay = run.ema.update(accelerator.unwrap_model(run.model).parameters()) if run.ema else None
+    progress.global_step += 1
+    _finish_epoch_if_done(progress, run.batches_per_epoch)
+    return True
+
+
+def _log_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, metrics: dict) -> None:
+    """Accumulate the step's loss; every ``--logging_steps`` (and at the end) log the window's means."""
+    step = run.progress.global_step
+    window.loss += group.loss_sum
+    window.steps += 1
+    if step % run.args.logging_steps and step != run.max_steps:
+        return
+    elapsed = time.perf_counter() - window.start
+    scalars = {"loss": run.accelerator.reduce(window.loss, "mean").item() / window.steps,
+               "lr": run.lr_scheduler.get_last_lr()[0], "images_per_sec": window.images / max(elapsed, 1e-9)}
+    if group.grad_norm is not None:
+        scalars["grad_norm"] = float(group.grad_norm)
+    if group.ema_decay is not None:
+        scalars["ema_decay"] = group.ema_decay
+    run.accelerator.log(scalars, step=step)
+    bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
+    metrics["train_loss"] = scalars["loss"]
+    window.loss.zero_()
+    window.images, window.steps, window.start = 0, 0, time.perf_counter()
+
+
+def all_finite(accelerator: Any, loss_sum: torch.Tensor) -> bool:
+    """Whether every process's loss for this step is finite (all processes must agree to skip or stop)."""
+    bad = (~torch.isfinite(loss_sum)).float().reshape(1)
+    return accelerator.reduce(bad, "sum").item() == 0 if accelerator.num_processes > 1 else bad.item() == 0
+
+
+def _finish_epoch_if_done(progress: TrainProgress, batches_per_epoch: int) -> None:
+    """Move to the next epoch once all its batches are consumed (checkpoints then resume at its start)."""
+    if progress.batches_in_epoch == batches_per_epoch:
+        progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+
+
+def _stop_on_nonfinite(run: TrainingRun, group: _Group) -> None:
+    """Rewind to the end of the last good step, checkpoint it, and raise with the step and likely causes."""
+    progress = run.progress
+    run.generator.set_state(group.rng_snapshot[0])
+    torch.set_rng_state(group.rng_snapshot[1])
+    progress.batches_in_epoch = group.start
+    saved = None
+    if progress.global_step > 0:
+        saved = save_checkpoint(run.accelerator, run.args.output_dir, progress.global_step,
+                                run.args.checkpoints_total_limit)
+    raise NonFiniteLossError(
+        f"loss is {group.loss_sum.item()} at optimizer step {progress.global_step + 1} (epoch {progress.epoch}, "
+        f"batch {group.start}). Likely causes: a learning rate too high for this model (--learning_rate), "
+        "fp16 overflow (try --mixed_precision bf16 or no), NaN/inf in the input data, or a --snr_gamma / "
+        "--prediction_type combination that divides by a zero SNR. "
+        + (f"The last good state is saved as {saved}; fix the cause and rerun with --resume_from_checkpoint latest, "
+           if saved else "No step had completed, so there is nothing to save; ")
+        + "or pass --skip_nonfinite_steps to skip such steps."
+    )
+
+
+# ---- measurement -------------------------------------------------------------------------------------------------
+
+
+class ThroughputMeter:
+    """Time to the first optimizer step and images/s after ``warmup_steps`` steps (allocator and caches warm).
+
+    Args:
+        started: the ``time.perf_counter()`` the time to first step counts from.
+        warmup_steps: steps left out of the images/s figure.
+    """
+
+    def __init__(self, started: float, warmup_steps: int = 5):
+        self.started = started
+        self.warmup_steps = warmup_steps
+        self.first_step = 0
+        self.time_to_first_step: float | None = None
+        self.warm_start: float | None = None
+        self.warm_images = 0
+        self.end: float | None = None
+
+    def on_train_start(self, step: int) -> None:
+        self.first_step = step
+
+    def on_step(self, step: int, images: int) -> None:
+        now = time.perf_counter()
+        if self.time_to_first_step is None:
+            self.time_to_first_step = now - self.started
+            logger.info("Time to first step: %.2f s", self.time_to_first_step)
+        if step == self.first_step + self.warmup_steps:
+            self.warm_start, self.warm_images = now, 0
+        elif self.warm_start is not None:
+            self.warm_images += images
+
+    def on_train_end(self) -> None:
+        self.end = time.perf_counter()
+
+    def metrics(self) -> dict[str, float]:
+        """``time_to_first_step_s`` and ``images_per_sec``, where measured."""
+        out = {}
+        if self.time_to_first_step is not None:
+            out["time_to_first_step_s"] = self.time_to_first_step
+        if self.warm_start is not None and self.warm_images:
+            out["images_per_sec"] = self.warm_images / (self.end - self.warm_start)
+        return out
