@@ -196,8 +196,12 @@ def train_state_reset():
 
 def test_export_layout_holds_ema_unet_raw_beside_it_and_no_ema_keys_in_config(tmp_path):
     run(tmp_path, max_train_steps=3, checkpointing_steps=2, checkpoints_total_limit=1, logger="tensorboard",
-        logging_steps=1)
+        logging_steps=1, license="mit")
     out = tmp_path / "out"
+    card = (out / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "license: mit" in header  # --license reaches the card's metadata
+    assert "1,347 of the 1,797 digits" in card  # the card states the training split
     for name in ("model_index.json", "unet", "unet_raw", "scheduler", "samples.png", "logs", "checkpoint-3"):
         assert (out / name).exists(), name
     assert not (out / "checkpoint-2").exists()  # rotated away by --checkpoints_total_limit 1
@@ -394,4 +398,6 @@ def test_wall_time_spans_resumes_and_covers_the_export(tmp_path):
     assert 9000.0 < total <= 9000.0 + second_session
     final = json.loads((tmp_path / "out" / "checkpoint-4" / checkpointing.STATE_FILE).read_text())
     assert 9000.0 < final["progress"]["wall_time_s"] <= total  # the final checkpoint precedes the export
-    assert "2 h 30 min" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "2 h 30 min" in card
+    assert "license:" not in card.split("---")[1]  # no --license: no license claimed
