@@ -208,8 +208,10 @@ def test_hub_round_trip(hub, tmp_path):
     pipe = _our_pipeline(ddpm_hf.DDPMScheduler(num_train_timesteps=100))
     pipe.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="alice/tiny-ddpm")
     assert {"model_index.json", "unet/config.json", "scheduler/scheduler_config.json"} <= set(hub.files("alice/tiny-ddpm"))
-    ours = ddpm_hf.DDPMPipeline.from_pretrained("alice/tiny-ddpm")
+    ours = ddpm_hf.DDPMPipeline.from_pretrained("alice/tiny-ddpm", revision="main", torch_dtype=torch.float64)
     assert isinstance(ours.unet, ddpm_hf.UNet2DModel) and isinstance(ours.scheduler, ddpm_hf.DDPMScheduler)
+    assert ours.unet.dtype == torch.float64 and ours.name_or_path == "alice/tiny-ddpm"
+    ours.unet.float()
     stock = diffusers.DiffusionPipeline.from_pretrained("alice/tiny-ddpm")
     assert type(stock) is diffusers.DDPMPipeline and type(stock.unet) is diffusers.UNet2DModel
     for loaded in (ours, stock):

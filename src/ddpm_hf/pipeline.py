@@ -37,14 +37,8 @@ from .editing import (
 from .likelihood import LikelihoodOutput, variational_bound
 from .schedulers.contract import SchedulerContract
 from .schedulers.registry import contract_for, deterministic_ddim
-from .sharing import (  # noqa: F401  (re-exported: published pipeline_ddpm_hf.py files import them from here)
-    HUB_PIPELINE_CLASS,
-    HUB_PIPELINE_MODULE,
-    HUB_PIPELINE_SOURCE,
-    SharingMixin,
-    stock_divergences,
-    to_ddpm_hf_components,
-)
+from .sharing import SharingMixin
+from .sharing import to_ddpm_hf_components  # noqa: F401  (pipeline_ddpm_hf.py files saved before sharing.py use it)
 
 Generator = torch.Generator | list[torch.Generator] | None
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -77,17 +71,9 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
 
     def _predict(self, sample: torch.Tensor, timestep: Any, model_kwargs: dict[str, Any],
                  channels: int | None = None) -> torch.Tensor:
-        """The one place the pipeline calls the network (classifier-free guidance will combine calls here).
-
-        Args:
-            sample: the noisy batch x_t.
-            timestep: the training timestep(s) t.
-            model_kwargs: checked extra keyword arguments for the network (``check_model_kwargs``).
-            channels: keep only the first ``channels`` output channels (drops a learned variance).
-
-        Returns:
-            The network output.
-        """
+        """The one place the pipeline calls the network (classifier-free guidance will combine calls here):
+        ``unet(sample, timestep, **model_kwargs)``, keeping the first ``channels`` output channels if given (drops
+        a learned variance)."""
         output = self.unet(sample, timestep, **model_kwargs, return_dict=False)[0]
         return output if channels is None else output[:, :channels]
 
