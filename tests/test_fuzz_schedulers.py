@@ -5,6 +5,7 @@ descending table inside [0, T), and finite steps. Anything else (IndexError, Ove
 output) fails the test.
 """
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -50,9 +51,11 @@ def assert_sane(scheduler):
     table = scheduler.timesteps
     assert len(table) >= 1 and (table >= 0).all() and (table < num_train).all() and (table[1:] < table[:-1]).all()
     x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    channels = 2 if str(scheduler.config.get("variance_type")).startswith("learned") else 1
     for t in table:
         try:
-            x = scheduler.step(torch.randn_like(x), t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+            out = torch.randn(2, channels, 2, 2, generator=torch.Generator().manual_seed(2)).clamp(-1, 1)
+            x = scheduler.step(out, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
         except ValueError as error:  # zero terminal SNR with eps-prediction: refused at the step (issue 3851)
             assert_names(error, "3851")
             return
@@ -80,8 +83,38 @@ def test_config_arguments(name):
             assert_names(error, key, "beta_start", "num_train_timesteps", "schedule")
             return
         assert_sane(scheduler)
+        assert_value_takes_effect(cls, scheduler, key, value)
 
     check()
+
+
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr")
+
+
+def assert_value_takes_effect(cls, scheduler, key, value):
+    """An accepted value is recorded in the config (so it is saved), builds diffusers' own tables where it is a
+    schedule key diffusers can build, and survives a save/load round trip with the same steps."""
+    recorded = scheduler.config[key]
+    assert np.array_equal(np.asarray(recorded), np.asarray(value)), (key, value, recorded)
+    if key == "num_train_timesteps":
+        assert len(scheduler) == scheduler.noise_schedule.betas.numel() == value
+    if key in SCHEDULE_KEYS and scheduler.config.num_train_timesteps <= 10**4:
+        try:
+            stock = getattr(diffusers, cls.__name__)(**{key: value})
+        except NotImplementedError:  # diffusers' DDIM has no sigmoid
+            stock = None
+        if stock is not None:
+            assert torch.equal(scheduler.alphas_cumprod, stock.alphas_cumprod), (key, value)
+    again = cls.from_config(scheduler.config)
+    if again.config.num_train_timesteps >= 3:
+        for s in (scheduler, again):
+            s.set_timesteps(3) if not (key == "steps_offset" and value > 0) else s.set_timesteps(timesteps=[2, 1, 0])
+        x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+        out = torch.randn(2, 2 if str(scheduler.config.get("variance_type")).startswith("learned") else 1, 2, 2)
+        steps = [s.step(out, s.timesteps[1], x, generator=torch.Generator().manual_seed(1)).prev_sample
+                 for s in (scheduler, again)]
+        assert torch.equal(*steps)
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -101,6 +134,12 @@ def test_set_timesteps_arguments(name):
             return
         table = scheduler.timesteps
         assert len(table) >= 1 and (table >= 0).all() and (table < 50).all() and (table[1:] < table[:-1]).all()
+        if which == "timesteps":  # the custom list itself
+            assert table.tolist() == [int(t) for t in np.asarray(value).tolist()]
+        else:  # N entries of the spacing's table (diffusers' own where it is valid)
+            reference = diffusers.DDPMScheduler(num_train_timesteps=50, timestep_spacing=spacing)
+            reference.set_timesteps(int(value))
+            assert len(table) == value and table.tolist() == reference.timesteps.tolist()[:value]
 
     check()
 
@@ -125,9 +164,12 @@ def test_step_arguments(name):
         scheduler = cls(num_train_timesteps=50)
         scheduler.set_timesteps(5)
         x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-        kwargs = dict(model_output=torch.randn_like(x), timestep=scheduler.timesteps[1], sample=x)
+        kwargs = dict(model_output=torch.randn_like(x), timestep=scheduler.timesteps[1], sample=x,
+                      generator=torch.Generator().manual_seed(3))
         if argument == "variance_noise":
             kwargs["eta"] = 0.5
+            del kwargs["generator"]
+        canonical = dict(kwargs)
         kwargs[argument] = value
         try:
             out = scheduler.step(**kwargs).prev_sample
@@ -135,5 +177,23 @@ def test_step_arguments(name):
             assert_names(error, argument)
             return
         assert out.shape == x.shape and torch.isfinite(out).all()
+        assert_argument_takes_effect(scheduler, argument, value, canonical, out)
 
     check()
+
+
+def assert_argument_takes_effect(scheduler, argument, value, canonical, out):
+    """The accepted value acts as its plain equivalent: the same table entry, the same eta, the same noise."""
+    if argument == "generator":  # None: noise from the global generator, so only its presence is checked
+        return
+    if argument == "timestep":
+        value = int(value)
+    elif argument == "eta":
+        value = float(value)
+        noiseless = scheduler.step(**{**canonical, "eta": 0.0}).prev_sample
+        assert torch.equal(out, noiseless) == (value == 0)
+    elif isinstance(value, torch.Tensor):
+        value = value.to(torch.float32).clone()
+    reference = scheduler.step(**{**canonical, argument: value}).prev_sample
+    if argument in ("timestep", "eta", "variance_noise") or scheduler.config.get("variance_type") is None:
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)

@@ -1,9 +1,11 @@
 """Timestep tables: equal to diffusers' wherever diffusers' are valid, fixed where not, and always well formed."""
 
 import diffusers
+import mpmath as mp
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ddpm_hf import DDIMScheduler, DDPMScheduler
@@ -38,7 +40,7 @@ def test_known_tables():
     assert make_timesteps("trailing", 1000, 10) == list(range(999, 0, -100))
     assert make_timesteps("linspace", 1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
     assert make_timesteps("trailing", 1000, 7)[:2] == [999, 856]
-    # DDIM App. D.2: floor(c i^2), c = 0.8 T / (N - 1)^2
+    # DDIM App. D.2: floor(c i^2), c = 0.8 T / (N - 1)^2 = 800 / 81: 9.88 i^2 for i = 9 .. 0, by hand
     assert make_timesteps("quad", 1000, 10) == [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]
     assert make_timesteps("quad", 1000, 1) == [0] and make_timesteps("linspace", 1000, 1) == [0]
 
@@ -67,15 +69,40 @@ def test_every_table_is_well_formed(T, data):
     assert make_timesteps("trailing", T, n)[0] == T - 1
 
 
+def quad_reference(T: int, n: int) -> list[int]:
+    """DDIM App. D.2's quadratic selection, tau_i = floor(c i^2) with c such that tau_{n-1} = 0.8 T, built the way
+    the paper's code does (ermongroup/ddim, runners/diffusion.py: the squares of n points evenly spaced on
+    [0, sqrt(0.8 T)]), in 50-digit arithmetic. The 1e-30 nudge only lifts exact integers that the square root
+    leaves a hair below: every true value is a rational with denominator 5 (n - 1)^2, so a non-integer is at least
+    1 / (5 (n - 1)^2) below the next integer."""
+    mp.mp.dps = 50
+    top = mp.sqrt(mp.mpf(4) * T / 5)
+    return [int(mp.floor((top * i / (n - 1)) ** 2 + mp.mpf(10) ** -30)) for i in range(n)]
+
+
+def test_quad_reference_is_the_papers_code():
+    """The paper code's own float construction gives the same lists wherever float rounding does not bite."""
+    for T, n in ((1000, 10), (1000, 20), (1000, 50), (100, 7), (4000, 100)):
+        code = [int(v) for v in np.linspace(0, np.sqrt(T * 0.8), n) ** 2]
+        assert quad_reference(T, n) == code, (T, n)
+    assert quad_reference(1000, 20) == [0, 2, 8, 19, 35, 55, 79, 108, 141, 179, 221, 268, 319, 374, 434, 498, 567,
+                                        640, 718, 800]
+
+
 @settings(max_examples=60, deadline=None)
 @given(T=st.integers(2, 1500), data=st.data())
+@example(T=1000, data=None)
 def test_quad_is_the_quadratic_where_it_is_distinct(T, data):
-    n = data.draw(st.integers(2, T))
+    n = data.draw(st.integers(2, T)) if data is not None else 20
     table = make_timesteps("quad", T, n)[::-1]
-    exact = [(4 * T * i * i) // (5 * (n - 1) ** 2) for i in range(n)]
-    if all(b > a for a, b in zip(exact, exact[1:])):
-        assert table == exact
-    assert all(t >= e for t, e in zip(table, exact))
+    reference = quad_reference(T, n)
+    if all(b > a for a, b in zip(reference, reference[1:])):
+        assert table == reference
+    else:  # c < 1 repeats timesteps: each entry is raised to one past its predecessor (documented extension)
+        raised = []
+        for t in reference:
+            raised.append(max(t, raised[-1] + 1) if raised else t)
+        assert table == raised
 
 
 @pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler])
