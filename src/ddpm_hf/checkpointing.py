@@ -213,6 +213,8 @@ class StateHooks:
         return os.path.join(path, f"generator_{self.process_index}.safetensors")
 
     def save(self, path: str) -> None:
+        """Write our state into checkpoint folder ``path``: every rank its generator, rank 0 the progress (with the
+        run's wall time so far), LR schedule and EMA."""
         os.makedirs(path, exist_ok=True)
         save_file({"state": self.generator.get_state()}, self._generator_file(path))
         if self.process_index != 0:

@@ -233,6 +233,7 @@ class EpochDataset(torch.utils.data.Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s augmentation (or permutation) from now on."""
         self.epoch = int(epoch)
 
 
@@ -457,6 +458,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s augmentation (or permutation) from now on."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

@@ -35,11 +35,14 @@ class NonFiniteLossError(RuntimeError):
 class StepObserver(Protocol):
     """Told about every optimizer step; for measurements that are not part of training."""
 
-    def on_train_start(self, step: int) -> None: ...
+    def on_train_start(self, step: int) -> None:
+        """Before the first step; ``step`` is where the run stands (non-zero after a resume)."""
 
-    def on_step(self, step: int, images: int) -> None: ...
+    def on_step(self, step: int, images: int) -> None:
+        """After optimizer step ``step``, which consumed ``images`` images over all processes."""
 
-    def on_train_end(self) -> None: ...
+    def on_train_end(self) -> None:
+        """After the last step, before the final checkpoint."""
 
 
 @dataclass
@@ -290,9 +293,11 @@ class ThroughputMeter:
         self.end: float | None = None
 
     def on_train_start(self, step: int) -> None:
+        """Count the warm-up from ``step`` (a resumed run warms up again)."""
         self.first_step = step
 
     def on_step(self, step: int, images: int) -> None:
+        """Log the time to the first step; count images once warmed up."""
         now = time.perf_counter()
         if self.time_to_first_step is None:
             self.time_to_first_step = now - self.started
@@ -303,6 +308,7 @@ class ThroughputMeter:
             self.warm_images += images
 
     def on_train_end(self) -> None:
+        """Stop the images/s clock."""
         self.end = time.perf_counter()
 
     def metrics(self) -> dict[str, float]:
