@@ -75,3 +75,4 @@ def test_the_objective_follows_the_scheduler_config():
     scheduler = DDPMScheduler(num_train_timesteps=T, prediction_type="sample", variance_type="learned_range")
     objective = DiffusionObjective.from_scheduler(scheduler, snr_gamma=None)
     assert (objective.prediction_type, objective.variance_type) == ("sample", "learned_range")
+

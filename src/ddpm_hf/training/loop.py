@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -279,12 +279,14 @@ class ThroughputMeter:
     """Time to the first optimizer step and images/s after ``warmup_steps`` steps (allocator and caches warm).
 
     Args:
-        started: the ``time.perf_counter()`` the time to first step counts from.
+        started: the ``clock()`` reading the time to first step counts from.
         warmup_steps: steps left out of the images/s figure.
+        clock: seconds, monotonic (``time.perf_counter``).
     """
 
-    def __init__(self, started: float, warmup_steps: int = 5):
+    def __init__(self, started: float, warmup_steps: int = 5, clock: Callable[[], float] = time.perf_counter):
         self.started = started
+        self.clock = clock
         self.warmup_steps = warmup_steps
         self.first_step = 0
         self.time_to_first_step: float | None = None
@@ -298,7 +300,7 @@ class ThroughputMeter:
 
     def on_step(self, step: int, images: int) -> None:
         """Log the time to the first step; count images once warmed up."""
-        now = time.perf_counter()
+        now = self.clock()
         if self.time_to_first_step is None:
             self.time_to_first_step = now - self.started
             logger.info("Time to first step: %.2f s", self.time_to_first_step)
@@ -309,7 +311,7 @@ class ThroughputMeter:
 
     def on_train_end(self) -> None:
         """Stop the images/s clock."""
-        self.end = time.perf_counter()
+        self.end = self.clock()
 
     def metrics(self) -> dict[str, float]:
         """``time_to_first_step_s`` and ``images_per_sec``, where measured."""
