@@ -381,9 +381,17 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-5"]
 
 
-def test_wall_time_spans_resumes_and_covers_the_export(tmp_path):
+def test_wall_time_spans_resumes_and_covers_the_export(tmp_path, monkeypatch):
     """The card's wall time is the whole run: the checkpointed time of earlier sessions plus this one's, up to
     the card itself (so the export and grid are inside it)."""
+    from ddpm_hf.training import export
+
+    real_save = export.save_export
+
+    def slow_save(*args):  # an export that takes a second
+        time.sleep(1.0)
+        real_save(*args)
+
     run(tmp_path, max_train_steps=2, checkpointing_steps=2)
     train_state_reset()
     state_file = tmp_path / "out" / "checkpoint-2" / checkpointing.STATE_FILE
@@ -392,12 +400,13 @@ def test_wall_time_spans_resumes_and_covers_the_export(tmp_path):
     state["progress"]["wall_time_s"] = 9000.0  # as if the first session had taken 2.5 hours
     state_file.write_text(json.dumps(state))
     started = time.perf_counter()
+    monkeypatch.setattr(export, "save_export", slow_save)
     metrics = run(tmp_path, max_train_steps=4, resume_from_checkpoint="latest")
     second_session = time.perf_counter() - started
     total = metrics["wall_time_minutes"] * 60
     assert 9000.0 < total <= 9000.0 + second_session
     final = json.loads((tmp_path / "out" / "checkpoint-4" / checkpointing.STATE_FILE).read_text())
-    assert 9000.0 < final["progress"]["wall_time_s"] <= total  # the final checkpoint precedes the export
+    assert 9000.0 < final["progress"]["wall_time_s"] <= total - 1.0  # the card's time includes the slow export
     card = (tmp_path / "out" / "README.md").read_text()
     assert "2 h 30 min" in card
     assert "license:" not in card.split("---")[1]  # no --license: no license claimed
