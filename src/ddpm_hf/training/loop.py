@@ -117,7 +117,7 @@ def start_trackers(run: TrainingRun) -> None:
 # ---- the loop ----------------------------------------------------------------------------------------------------
 
 
-def train_loop(run: TrainingRun, on_step_end: Any = None,
+def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], None] | None = None,
                observers: Sequence[StepObserver] = ()) -> dict[str, Any]:
     """Train until ``run.max_steps`` optimizer steps, then save the final checkpoint (every process calls this).
 
