@@ -3,10 +3,12 @@
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(repo_or_folder, custom_pipeline="pipeline_ddpm_hf", trust_remote_code=True)
 
-diffusers builds the components that model_index.json names (its own UNet2DModel and DDPMScheduler or
-DDIMScheduler); this class swaps them for ddpm_hf's classes, whose configs and weights are interchangeable, so
-scheduler options that stock diffusers lacks or gets wrong (quad spacing, its prev-timestep and variance bugs)
-sample correctly.
+diffusers builds the components that model_index.json names: a folder that ddpm_hf saved as remote code names
+its scheduler from this file (a copy sits in ``scheduler/``), so diffusers builds ddpm_hf's scheduler directly;
+this class swaps diffusers' UNet2DModel (and a DDPMScheduler/DDIMScheduler of diffusers, e.g. with
+``custom_pipeline=`` on a stock checkpoint) for ddpm_hf's classes, whose configs and weights are interchangeable,
+so scheduler options that stock diffusers lacks or gets wrong (quad spacing, its prev-timestep and variance bugs,
+DDIM with the sigmoid schedule) sample correctly.
 """
 
 from diffusers import ModelMixin, SchedulerMixin
@@ -16,6 +18,11 @@ try:
     import ddpm_hf.sharing
 except ImportError as error:
     raise ImportError("This checkpoint samples with ddpm_hf's classes: pip install ddpm_hf") from error
+
+
+def __getattr__(name: str) -> type:
+    """ddpm_hf's scheduler classes by name: a remote-code folder's model_index builds its scheduler from here."""
+    return getattr(ddpm_hf.sharing, name)
 
 
 class DDPMHFPipeline(ddpm_hf.pipeline.DDPMPipeline):

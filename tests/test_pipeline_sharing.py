@@ -170,7 +170,9 @@ def test_divergent_scheduler_is_saved_as_remote_code_that_stock_refuses_and_trus
     folder = tmp_path / "quad"
     pipe.save_pretrained(folder)
     assert _index(folder)["_class_name"] == [HUB_PIPELINE_MODULE, HUB_PIPELINE_CLASS]
-    assert (folder / f"{HUB_PIPELINE_MODULE}.py").read_text() == HUB_PIPELINE_SOURCE
+    assert _index(folder)["scheduler"] == [HUB_PIPELINE_MODULE, "DDIMScheduler"]
+    for file in (folder / f"{HUB_PIPELINE_MODULE}.py", folder / "scheduler" / f"{HUB_PIPELINE_MODULE}.py"):
+        assert file.read_text() == HUB_PIPELINE_SOURCE
     # Without ddpm_hf: refused without trust_remote_code, and a clear missing-package error with it.
     (refused, _), (missing, _) = _run_stock(tmp_path, [(folder, False), (folder, True)])[0]
     assert "trust_remote_code" in refused
@@ -188,7 +190,25 @@ def test_divergent_scheduler_is_saved_as_remote_code_that_stock_refuses_and_trus
     loaded.scheduler = ddpm_hf.DDIMScheduler(num_train_timesteps=100)
     loaded.save_pretrained(folder)
     assert _index(folder)["_class_name"] == "DDPMPipeline"
+    assert _index(folder)["scheduler"] == ["diffusers", "DDIMScheduler"]
     assert not (folder / f"{HUB_PIPELINE_MODULE}.py").exists()
+    assert not (folder / "scheduler" / f"{HUB_PIPELINE_MODULE}.py").exists()
+
+
+def test_trusted_loading_builds_configs_that_diffusers_own_class_refuses(tmp_path):
+    """DDIM with the sigmoid schedule: diffusers' DDIMScheduler raises NotImplementedError for it, so the remote
+    folder names the scheduler from its own file and diffusers' loader builds ddpm_hf's class directly."""
+    pipe = _our_pipeline(ddpm_hf.DDIMScheduler(num_train_timesteps=100, beta_schedule="sigmoid"))
+    pipe.save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="sigmoid"):
+        diffusers.DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    for loaded in (diffusers.DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True),
+                   ddpm_hf.DDPMPipeline.from_pretrained(tmp_path)):
+        assert isinstance(loaded, DDPMPipeline) and type(loaded.scheduler) is ddpm_hf.DDIMScheduler
+        assert loaded.scheduler.config.beta_schedule == "sigmoid"
+        np.testing.assert_allclose(_images(_quiet(loaded)), _images(pipe), atol=1e-6, rtol=0)
 
 
 def test_pipelines_file_is_the_hub_source_and_loads_as_custom_pipeline(tmp_path):

@@ -4,11 +4,13 @@ For each value of every scheduler config key ddpm_hf accepts (one key changed fr
 DDPM and DDIM), a tiny pipeline is saved; ONE subprocess without ddpm_hf importable then loads every folder with
 stock ``DiffusionPipeline.from_pretrained``. A folder that names stock ``DDPMPipeline`` must load with diffusers'
 own classes and sample our images (same weights, same seed, 1e-4); a folder that names the remote-code pipeline
-must be refused for want of ``trust_remote_code=True``. ddpm_hf itself loads every folder back to the same images.
+must be refused for want of ``trust_remote_code=True`` (and, trusted with ddpm_hf installed, load ddpm_hf's
+classes). ddpm_hf itself loads every folder back to the same images.
 """
 
 from __future__ import annotations
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -60,15 +62,20 @@ def test_every_saved_folder_loads_in_stock_diffusers_with_our_images_or_is_refus
         index = _index(folder)
         remote.append(index["_class_name"] != "DDPMPipeline")
         assert index["_class_name"] == (["pipeline_ddpm_hf", "DDPMHFPipeline"] if remote[-1] else "DDPMPipeline")
-        assert index["scheduler"] == ["diffusers", name] and index["unet"] == ["diffusers", "UNet2DModel"]
+        assert index["scheduler"] == ["pipeline_ddpm_hf" if remote[-1] else "diffusers", name]
+        assert index["unet"] == ["diffusers", "UNet2DModel"]
         images = _images(pipe)
         assert np.isfinite(images).all(), (name, key, value)
         ours.append(images)
         folders.append(folder)
-        reloaded = ddpm_hf.DDPMPipeline.from_pretrained(folder)
-        assert type(reloaded.scheduler) is type(pipe.scheduler) and type(reloaded.unet) is ddpm_hf.UNet2DModel
-        reloaded.set_progress_bar_config(disable=True)
-        np.testing.assert_allclose(_images(reloaded), images, atol=1e-6, rtol=0, err_msg=str((name, key, value)))
+        loaders = [ddpm_hf.DDPMPipeline.from_pretrained]  # and a remote folder loads when trusted, with ddpm_hf
+        if remote[-1]:
+            loaders.append(lambda f: diffusers.DiffusionPipeline.from_pretrained(f, trust_remote_code=True))
+        for load in loaders:
+            reloaded = load(folder)
+            assert type(reloaded.scheduler) is type(pipe.scheduler) and type(reloaded.unet) is ddpm_hf.UNet2DModel
+            reloaded.set_progress_bar_config(disable=True)
+            np.testing.assert_allclose(_images(reloaded), images, atol=1e-6, rtol=0, err_msg=str((name, key, value)))
     results, _ = _run_stock(tmp_path, [(folder, False) for folder in folders])
     for case, is_remote, expected, (info, images) in zip(CASES, remote, ours, results):
         if is_remote:

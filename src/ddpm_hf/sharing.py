@@ -82,20 +82,37 @@ def __getattr__(name: str) -> type:
     return cls
 
 
+def _ours(scheduler_name: str) -> bool:
+    """Whether the registry builds a scheduler of this model_index name with a ddpm_hf class."""
+    try:
+        return scheduler_class(scheduler_name).__module__.startswith("ddpm_hf.")
+    except ValueError:  # not a scheduler name: diffusers' loader reports it
+        return False
+
+
 def _loader_entry(name: str, entry: Any) -> Any:
-    """A model_index component entry, re-pointed at ddpm_hf's class where ddpm_hf implements the named one."""
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] == "diffusers"):
+    """A model_index component entry, re-pointed at ddpm_hf's class where ddpm_hf implements the named one
+    (entries naming the remote-code file, see ``_remote_index``, included: its code is not run)."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] in ("diffusers", HUB_PIPELINE_MODULE)):
         return entry
-    if name == "unet" and entry[1] == "UNet2DModel":
+    if (name == "unet" and entry[1] == "UNet2DModel") or (name == "scheduler" and _ours(entry[1])):
         return [_LOADER_LIBRARY, entry[1]]
-    if name == "scheduler":
-        try:
-            ours = scheduler_class(entry[1]).__module__.startswith("ddpm_hf.")
-        except ValueError:  # not a scheduler name: diffusers' loader reports it
-            ours = False
-        if ours:
-            return [_LOADER_LIBRARY, entry[1]]
     return entry
+
+
+def _remote_index(index: dict[str, Any]) -> dict[str, Any]:
+    """model_index.json of a remote-code folder: the pipeline, and a ddpm_hf scheduler, come from the folder's
+    ``pipeline_ddpm_hf.py`` (a copy sits in ``scheduler/``, where diffusers looks for a component's code).
+
+    Stock diffusers builds the components before the remote pipeline could swap them, and some configs are ones
+    diffusers' own class refuses (DDIM with ``sigmoid``); built by the remote file's name, the scheduler is
+    ddpm_hf's from the start.
+    """
+    index = {**index, "_class_name": [HUB_PIPELINE_MODULE, HUB_PIPELINE_CLASS]}
+    entry = index.get("scheduler")
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == "diffusers" and _ours(entry[1]):
+        index["scheduler"] = [HUB_PIPELINE_MODULE, entry[1]]
+    return index
 
 
 def _loader_index(index: dict[str, Any]) -> dict[str, Any]:
@@ -117,22 +134,24 @@ class SharingMixin:
     def to_json_string(self) -> str:
         """model_index.json: stock ``DDPMPipeline``, or the remote-code file where stock would sample wrongly."""
         index = json.loads(super().to_json_string())
-        remote = bool(stock_divergences(self.scheduler))
-        index["_class_name"] = [HUB_PIPELINE_MODULE, HUB_PIPELINE_CLASS] if remote else "DDPMPipeline"
+        index = _remote_index(index) if stock_divergences(self.scheduler) else {**index, "_class_name": "DDPMPipeline"}
         return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """Write model_index.json and, when it names it, the remote-code pipeline file beside it."""
-        hub_file = os.path.join(save_directory, f"{HUB_PIPELINE_MODULE}.py")
+        """Write model_index.json and, when it names them, the remote-code pipeline file beside it and in
+        ``scheduler/``."""
+        hub_files = [os.path.join(save_directory, *sub, f"{HUB_PIPELINE_MODULE}.py") for sub in ((), ("scheduler",))]
         reasons = stock_divergences(self.scheduler)
+        for hub_file in hub_files:
+            if reasons:
+                os.makedirs(os.path.dirname(hub_file), exist_ok=True)
+                with open(hub_file, "w", encoding="utf-8") as f:
+                    f.write(HUB_PIPELINE_SOURCE)
+            elif os.path.isfile(hub_file):
+                os.remove(hub_file)
         if reasons:
-            os.makedirs(save_directory, exist_ok=True)
-            with open(hub_file, "w", encoding="utf-8") as f:
-                f.write(HUB_PIPELINE_SOURCE)
             _logger.warning("Stock diffusers would sample this scheduler differently (%s); the saved pipeline needs "
                             "trust_remote_code=True and ddpm_hf to load.", "; ".join(reasons))
-        elif os.path.isfile(hub_file):
-            os.remove(hub_file)
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
