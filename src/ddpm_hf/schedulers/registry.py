@@ -20,7 +20,6 @@ A diffusers scheduler needs neither: the adapter serves it (give it a default st
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import diffusers
 from diffusers import SchedulerMixin
@@ -36,23 +35,19 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "DDIMScheduler": DDIMScheduler,
 }
 
-_ADAPTERS: "weakref.WeakKeyDictionary[SchedulerMixin, DiffusersSchedulerAdapter]" = weakref.WeakKeyDictionary()
-
-
 def contract_for(scheduler: SchedulerMixin) -> SchedulerContract:
-    """The contract of ``scheduler``: the scheduler itself if it implements it, else its (cached) adapter.
+    """The contract of ``scheduler``: the scheduler itself if it implements it, else a new adapter over it.
 
     Args:
         scheduler: a ddpm_hf or diffusers scheduler.
 
     Returns:
-        An object with the ``SchedulerContract`` methods; an adapter shares the scheduler's state.
+        An object with the ``SchedulerContract`` methods; an adapter holds no state of its own (the scheduler's
+        is the sampling state), so building one per call is cheap and any two agree.
     """
     if isinstance(scheduler, SchedulerContract):
         return scheduler
-    if scheduler not in _ADAPTERS:
-        _ADAPTERS[scheduler] = DiffusersSchedulerAdapter(scheduler)
-    return _ADAPTERS[scheduler]
+    return DiffusersSchedulerAdapter(scheduler)
 
 
 def scheduler_class(name: str) -> type[SchedulerMixin]:
