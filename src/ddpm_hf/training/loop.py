@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -167,7 +167,7 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
     return metrics
 
 
-def _groups(run: TrainingRun):
+def _groups(run: TrainingRun) -> Iterator[_Group]:
     """This epoch's accumulation groups, from where the progress stands; each yielded after its backward passes."""
     progress, accelerator, accum = run.progress, run.accelerator, run.args.gradient_accumulation_steps
     loader = run.dataloader
@@ -185,6 +185,7 @@ def _groups(run: TrainingRun):
                            torch.zeros((), device=accelerator.device))
         last_in_group = index - group.start + 1 == group.size
         with contextlib.nullcontext() if last_in_group else accelerator.no_sync(run.model):
+            # Unconditional: labels in run.dataset.info are recorded, not used (they will be class_labels here).
             loss = run.objective.loss(run.model, batch, run.generator, model_kwargs={})
             accelerator.backward(loss / group.size)
         group.loss_sum += loss.detach() / group.size
