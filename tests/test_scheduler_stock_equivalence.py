@@ -76,6 +76,7 @@ def stock_samples_identically(name: str, config: dict) -> bool:
 TRAINED = [0.001 + 0.002 * i for i in range(T)]
 COMMON = (
     [{"beta_schedule": s} for s in ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")]
+    + [{"beta_start": 0.001, "beta_end": 0.05}, {"beta_schedule": "scaled_linear", "beta_start": 0.0005}]
     + [{"trained_betas": TRAINED}]
     + [{"timestep_spacing": s} for s in ("leading", "linspace", "trailing", "quad")]
     + [{"prediction_type": p} for p in ("sample", "v_prediction")]
