@@ -5,7 +5,7 @@
   and stock diffusers loads the folder without ddpm_hf. Where stock diffusers would sample the saved scheduler
   differently (``stock_divergences``), the folder instead names the remote-code pipeline
   ``pipeline_ddpm_hf.DDPMHFPipeline`` and carries that file, so stock diffusers refuses it unless
-  ``trust_remote_code=True``.
+  ``trust_remote_code=True``; its scheduler entry then names the same file (``_remote_index``).
 - **Loading.** ``DDPMPipeline.from_pretrained`` is diffusers' own ``DiffusionPipeline.from_pretrained`` (every
   loader feature: ``torch_dtype``, ``device_map``, ``variant``, ``revision``, ...) reading the folder's index
   with ddpm_hf's classes in place of diffusers' (``_loader_index``): a folder that names the remote-code
@@ -73,13 +73,9 @@ def to_ddpm_hf_components(unet: ModelMixin, scheduler: SchedulerMixin) -> tuple[
 
 def __getattr__(name: str) -> type:
     """ddpm_hf's scheduler classes by their diffusers name, for diffusers' loader (see ``_loader_index``)."""
-    try:
-        cls = scheduler_class(name)
-    except ValueError:
-        cls = None
-    if cls is None or not cls.__module__.startswith("ddpm_hf."):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return cls
+    if _ours(name):
+        return scheduler_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _ours(scheduler_name: str) -> bool:
