@@ -184,14 +184,15 @@ class SharingMixin:
         # the Hub ``download``): the remote-code pipeline ddpm_hf writes is this class, so it is read as such and
         # diffusers neither asks for trust_remote_code nor imports the folder's file.
         index = super()._dict_from_json_file(json_file)
-        if list(index.get("_class_name") or []) == [HUB_PIPELINE_MODULE, HUB_PIPELINE_CLASS]:
+        if index.get("_class_name") == [HUB_PIPELINE_MODULE, HUB_PIPELINE_CLASS]:
             index["_class_name"] = "DDPMPipeline"
         return index
 
     @classmethod
     def load_config(cls, *args, **kwargs):
-        # ``from_pretrained`` builds each component from the index this returns (the Hub download checks the
-        # file's own entries before, through ``_dict_from_json_file``, and needs them to name diffusers).
+        # ``from_pretrained`` builds each component from the index this returns. The Hub download reads the
+        # entries as written (through ``_dict_from_json_file``): it checks that each names diffusers or a code
+        # file the repo has, which ``ddpm_hf.sharing`` is not.
         out = super().load_config(*args, **kwargs)
         if isinstance(out, tuple):
             return (_loader_index(out[0]), *out[1:])
