@@ -31,6 +31,7 @@ CONFIGS = {  # name: (scheduler, the grid's sampler)
     "ddpm_fixed_large_log": (ddpm_hf.DDPMScheduler(num_train_timesteps=20, variance_type="fixed_large_log"), "DDPM"),
     "ddim_trailing": (ddpm_hf.DDIMScheduler(num_train_timesteps=30, timestep_spacing="trailing"), "DDIM"),
     "ddim_leading": (ddpm_hf.DDIMScheduler(num_train_timesteps=40), "DDPM"),
+    "ddim_sigmoid": (ddpm_hf.DDIMScheduler(num_train_timesteps=30, beta_schedule="sigmoid"), "DDIM"),
 }
 STOCK = {"ddpm_50_steps", "ddim_leading"}  # the others are remote code: stock diffusers samples them wrongly
 # Runs each (cwd, code) with ddpm_hf unimportable: what a user with only diffusers installed gets.
