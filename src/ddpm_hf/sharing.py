@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import diffusers
 from diffusers import ModelMixin, SchedulerMixin  # noqa: F401  (diffusers' loader looks these names up here)
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
 from .models import UNet2DModel
 from .schedulers.registry import contract_for, scheduler_class, to_ddpm_hf_scheduler
@@ -111,9 +113,28 @@ def _remote_index(index: dict[str, Any]) -> dict[str, Any]:
     return index
 
 
-def _loader_index(index: dict[str, Any]) -> dict[str, Any]:
+def _check_library(folder: str, name: str, entry: Any) -> None:
+    """A component's library must be one diffusers' loader can resolve (diffusers 0.42.1
+    ``_get_library_or_raise``: a library it loads from, a ``diffusers.pipelines`` module, a module this process
+    imported, or code shipped as ``<component>/<library>.py``); else a ValueError naming the file and entry."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
+        return
+    library = entry[0]
+    if (library in LOADABLE_CLASSES or hasattr(diffusers.pipelines, library) or library in sys.modules
+            or os.path.isfile(os.path.join(folder, name, f"{library}.py"))):
+        return
+    raise ValueError(f"{os.path.join(folder, 'model_index.json')} names {name} {list(entry)}: {library!r} is not a "
+                     "library diffusers loads from, nor imported in this process, nor shipped as "
+                     f"{name}/{library}.py in the folder")
+
+
+def _loader_index(index: dict[str, Any], folder: str | None) -> dict[str, Any]:
     """model_index.json as ddpm_hf's pipeline reads it: its own remote-code pipeline is itself, and the
-    components ddpm_hf implements load with ddpm_hf's classes."""
+    components ddpm_hf implements load with ddpm_hf's classes; entries no loader could resolve are refused."""
+    if folder is not None:
+        for name, entry in index.items():
+            if not name.startswith("_"):
+                _check_library(folder, name, entry)
     return {name: _loader_entry(name, entry) for name, entry in index.items()}
 
 
@@ -194,6 +215,7 @@ class SharingMixin:
         # entries as written (through ``_dict_from_json_file``): it checks that each names diffusers or a code
         # file the repo has, which ``ddpm_hf.sharing`` is not.
         out = super().load_config(*args, **kwargs)
+        folder = os.fspath(args[0]) if args and os.path.isdir(os.fspath(args[0])) else None
         if isinstance(out, tuple):
-            return (_loader_index(out[0]), *out[1:])
-        return _loader_index(out)
+            return (_loader_index(out[0], folder), *out[1:])
+        return _loader_index(out, folder)
