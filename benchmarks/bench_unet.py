@@ -1,23 +1,35 @@
-"""CPU forward-time ratio diffusers.UNet2DModel / ddpm_hf.UNet2DModel with the same weights.
+"""Network forward: diffusers.UNet2DModel vs ddpm_hf.UNet2DModel, and both against the machine's conv limit.
 
-Both networks get identical weights and inputs; calls are interleaved A/B and repeated, and the median of the
-per-round ratios is printed (other processes share this machine, so single timings are noisy).
+For each preset (tiny at batch 8, the DDPM CIFAR-10 net at batch 2) and dtype (fp32; bf16 autocast where the CPU
+has native bf16, "emulated, skipped" otherwise) one interleaved run alternates ours / diffusers' (who goes first
+alternates too) with the same weights and inputs, and in the same rounds times every distinct 3x3 convolution
+shape of the net alone (same dtype, bf16 tensors for bf16). It prints the median times, the median per-round
+ratio diffusers / ours with its spread (min-max over rounds), the forward's GFLOP/s
+(``torch.utils.flop_counter.FlopCounterMode``), the best 3x3 conv's GFLOP/s and the fraction of it each
+forward reaches. Times are per-thread CPU time (``time.thread_time``): on a machine shared with other jobs it
+does not count the time this process waits for a core; ``--clock wall`` uses ``time.perf_counter`` instead.
+
+``--profile`` adds, per net and dtype, a torch.profiler table of the top ops by self CPU time.
 
 Usage:
-    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py                 # eager and compiled, both configs
-    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py --modes eager   # eager only
-    python benchmarks/bench_unet.py --threads 2 --rounds 30 --configs tiny
+    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py                      # eager, both presets, fp32 + bf16
+    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py --configs tiny --rounds 30 --profile
+    OMP_NUM_THREADS=1 python benchmarks/bench_unet.py --modes eager compiled --memory-format channels_last
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import platform
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm_hf.hardware import describe_hardware
 
 CASES = {"tiny": 8, "ddpm-cifar10": 2}  # preset -> batch size
 
@@ -25,15 +37,21 @@ CASES = {"tiny": 8, "ddpm-cifar10": 2}  # preset -> batch size
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CASES), choices=list(CASES), help="presets to time")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved A/B rounds (median reported)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="fp32, and/or bf16 autocast (only where the CPU has native bf16)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (medians reported)")
     parser.add_argument("--calls", type=int, default=3, help="forward calls per network per round")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both networks")
-    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"],
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
                         help="eager and/or torch.compile (Inductor) for both networks")
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last"],
+                        help="memory format of both nets' weights and inputs")
+    parser.add_argument("--clock", default="cpu", choices=["cpu", "wall"], help="thread CPU time or wall time")
+    parser.add_argument("--profile", action="store_true", help="print a per-op profile of each net and dtype")
     return parser.parse_args()
 
 
-def build_pair(preset: str):
+def build_pair(preset: str, memory_format: torch.memory_format):
     """Return (diffusers net, our net) in eval mode holding the same random weights."""
     import diffusers
 
@@ -43,53 +61,124 @@ def build_pair(preset: str):
     theirs = diffusers.UNet2DModel(**UNET_PRESETS[preset]).eval()
     ours = UNet2DModel(**UNET_PRESETS[preset]).eval()
     ours.load_state_dict(theirs.state_dict())
-    return theirs, ours
+    return theirs.to(memory_format=memory_format), ours.to(memory_format=memory_format)
 
 
-def time_calls(net, x: torch.Tensor, t: torch.Tensor, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
+def dtype_context(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def conv3x3_cases(net, x: torch.Tensor, t: torch.Tensor, dtype: str) -> list:
+    """One zero-argument callable per distinct 3x3 conv shape of ``net``'s forward, with its FLOPs."""
+    shapes = set()
+
+    def hook(module, args, _):
+        shapes.add((tuple(args[0].shape), tuple(module.weight.shape), module.stride, module.padding))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    with torch.inference_mode():
         net(x, t)
-    return (time.perf_counter() - start) / calls
+    for handle in handles:
+        handle.remove()
+    cases = []
+    for in_shape, w_shape, stride, padding in sorted(shapes):
+        to = dict(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, memory_format=x_format(x))
+        xi, w = torch.randn(in_shape).to(**to), torch.randn(w_shape).to(**to)
+        b = torch.randn(w_shape[0]).to(xi.dtype)
+        out = F.conv2d(xi, w, b, stride, padding)
+        flops = 2 * out.numel() * w_shape[1] * w_shape[2] * w_shape[3]
+        cases.append((f"{in_shape}->{tuple(out.shape)}", flops,
+                      lambda xi=xi, w=w, b=b, s=stride, p=padding: F.conv2d(xi, w, b, s, p)))
+    return cases
 
 
-def interleaved_ratio(theirs, ours, x: torch.Tensor, t: torch.Tensor, rounds: int, calls: int) -> tuple[float, float, float]:
-    """Median diffusers time, median our time and median per-round ratio (diffusers / ours)."""
-    a_times, b_times, ratios = [], [], []
-    with torch.no_grad():
-        for net in (theirs, ours):  # warm-up (and compilation)
-            for _ in range(2):
-                net(x, t)
-        for r in range(rounds):
-            pair = (theirs, ours) if r % 2 == 0 else (ours, theirs)  # alternate who goes first
-            times = {id(net): time_calls(net, x, t, calls) for net in pair}
-            a_times.append(times[id(theirs)])
-            b_times.append(times[id(ours)])
-            ratios.append(a_times[-1] / b_times[-1])
-    return statistics.median(a_times), statistics.median(b_times), statistics.median(ratios)
+def x_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+
+
+def forward_flops(net, x: torch.Tensor, t: torch.Tensor, dtype: str) -> int:
+    with torch.inference_mode(), dtype_context(dtype), FlopCounterMode(display=False) as counter:
+        net(x, t)
+    return counter.get_total_flops()
+
+
+def interleaved(fns: dict, rounds: int, calls: int, clock) -> dict[str, list[float]]:
+    """Per-round mean seconds per call of each zero-argument function, order reversed every other round."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up (oneDNN primitive caches, compilation)
+        fn()
+        fn()
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            start = clock()
+            for _ in range(calls):
+                fns[name]()
+            times[name].append((clock() - start) / calls)
+    return times
+
+
+def run_case(theirs, ours, x, t, dtype: str, flops: int, convs: list, args: argparse.Namespace, clock) -> None:
+    """Time one (preset, dtype, mode) with the forward's FLOPs and the net's conv cases; print two lines."""
+    fns = {"theirs": lambda: theirs(x, t), "ours": lambda: ours(x, t)}
+    fns.update({name: fn for name, _, fn in convs})
+    with torch.inference_mode(), dtype_context(dtype):
+        times = interleaved(fns, args.rounds, args.calls, clock)
+    ratios = [a / b for a, b in zip(times["theirs"], times["ours"])]
+    best_name, best_rate = max(((name, f / statistics.median(times[name])) for name, f, _ in convs),
+                               key=lambda item: item[1])
+    ta, tb = statistics.median(times["theirs"]), statistics.median(times["ours"])
+    print(f"  ratio diffusers/ours {statistics.median(ratios):.2f}x (rounds: {min(ratios):.2f}-{max(ratios):.2f}); "
+          f"diffusers {ta * 1e3:.2f} ms, ours {tb * 1e3:.2f} ms; forward {flops / 1e9:.3f} GFLOP", flush=True)
+    print(f"  GFLOP/s: ours {flops / tb / 1e9:.0f}, diffusers {flops / ta / 1e9:.0f}, best 3x3 conv "
+          f"{best_rate / 1e9:.0f} ({best_name}); limit fraction ours {flops / tb / best_rate:.0%}, "
+          f"diffusers {flops / ta / best_rate:.0%}", flush=True)
+
+
+def profile_case(theirs, ours, x, t, dtype: str, rows: int = 12) -> None:
+    """Print the top ops by self CPU time of three forwards of each net."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, net in (("ours", ours), ("diffusers", theirs)):
+        with torch.inference_mode(), dtype_context(dtype):
+            net(x, t)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    net(x, t)
+        print(f"  profile {name} ({dtype}, 3 forwards):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch.get_num_threads()={torch.get_num_threads()} for both networks, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    print(f"{'config':<14}{'batch':>6}{'mode':>10}{'diffusers ms':>14}{'ours ms':>10}{'ratio':>8}")
+    hardware = describe_hardware()
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    print(f"torch {torch.__version__}; {hardware.summary()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
+          f"clock {args.clock}; memory format {args.memory_format}; {args.rounds} rounds x {args.calls} calls")
     for preset in args.configs:
         batch = CASES[preset]
-        theirs, ours = build_pair(preset)
+        theirs, ours = build_pair(preset, memory_format)
         cfg = ours.config
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
+        x = x.to(memory_format=memory_format)
         t = torch.randint(0, 1000, (batch,), generator=generator)
-        for mode in args.modes:
-            a, b = theirs, ours
-            if mode == "compiled":
-                torch._dynamo.reset()
-                a, b = torch.compile(theirs), torch.compile(ours, fullgraph=True)
-            ta, tb, ratio = interleaved_ratio(a, b, x, t, args.rounds, args.calls)
-            print(f"{preset:<14}{batch:>6}{mode:>10}{ta * 1e3:>14.2f}{tb * 1e3:>10.2f}{ratio:>8.2f}", flush=True)
+        for dtype in args.dtypes:
+            if dtype == "bf16" and not hardware.cpu_bf16_native:
+                print(f"{preset} batch {batch} bf16: emulated, skipped (no native bf16 on this CPU)")
+                continue
+            flops, convs = forward_flops(ours, x, t, dtype), conv3x3_cases(ours, x, t, dtype)
+            for mode in args.modes:
+                a, b = theirs, ours
+                if mode == "compiled":
+                    torch._dynamo.reset()
+                    a, b = torch.compile(theirs), torch.compile(ours, fullgraph=True)
+                print(f"{preset} batch {batch} {dtype} {mode}:", flush=True)
+                run_case(a, b, x, t, dtype, flops, convs, args, clock)
+            if args.profile:
+                profile_case(theirs, ours, x, t, dtype)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed_conv import PackableConv2d, conv2d
+
 ACTIVATIONS = ("silu", "swish", "mish", "gelu", "relu")
 
 
@@ -62,6 +64,39 @@ def _phase_taps() -> torch.Tensor:
     return torch.einsum("aty,bsx->abtsyx", rows, rows).reshape(16, 9)
 
 
+def phase_kernel(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """The ``(4 C_out, C_in, 2, 2)`` kernel of the four nearest-upsampled phases of a 3x3 ``weight``.
+
+    Args:
+        weight: ``(C_out, C_in, 3, 3)`` conv weight.
+        taps: ``_phase_taps()`` in the weight's dtype and device.
+
+    Returns:
+        The phase kernel (output channel ``4 c + 2 a + b`` is phase ``(a, b)`` of channel ``c``), channels-last.
+    """
+    c_out, c_in = weight.shape[:2]
+    # (C_out, 16, C_in) is, read as (4 C_out, 2, 2, C_in), a channels-last 2x2 kernel: no copy needed.
+    phase_w = torch.matmul(taps, weight.reshape(c_out, c_in, 9).transpose(1, 2))
+    return phase_w.view(4 * c_out, 2, 2, c_in).permute(0, 3, 1, 2)
+
+
+def interleave_phases(phases: torch.Tensor, bias: torch.Tensor | None, fmt: torch.memory_format) -> torch.Tensor:
+    """Assemble ``(B, C, 2H, 2W)`` from the ``(B, 4 C, H+1, W+1)`` phase maps of ``phase_kernel`` (+ bias)."""
+    batch, c4, height, width = phases.shape
+    c_out, height, width = c4 // 4, height - 1, width - 1
+    # Output (c, 2i + a, 2j + b) is phase (c, a, b) at (i + a, j + b): one strided view reads all four phases,
+    # so the interleave is a single copy (four slice copies cost twice as much from a channels-last map).
+    s_b, s_c, s_h, s_w = phases.stride()
+    grid = phases.as_strided((batch, c_out, height, 2, width, 2),
+                             (s_b, 4 * s_c, s_h, 2 * s_c + s_h, s_w, s_c + s_w))
+    out = torch.empty((batch, c_out, 2 * height, 2 * width), dtype=phases.dtype, device=phases.device,
+                      memory_format=fmt)
+    out.view(batch, c_out, height, 2, width, 2).copy_(grid)
+    # The bias is added here rather than in the conv: Inductor in torch 2.11 cannot lower a conv whose bias
+    # is a view of a computed tensor (bias.repeat_interleave(4)).
+    return out if bias is None else out.add_(bias.view(1, c_out, 1, 1))
+
+
 def subpixel_upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            taps: torch.Tensor) -> torch.Tensor:
     """Compute ``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` exactly.
@@ -75,27 +110,13 @@ def subpixel_upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     Returns:
         ``(B, C_out, 2H, 2W)`` in the memory format of ``x``.
     """
-    batch, _, height, width = x.shape
-    c_out, c_in = weight.shape[:2]
-    # (C_out, 16, C_in) is, read as (4 C_out, 2, 2, C_in), a channels-last 2x2 kernel: no copy needed.
-    phase_w = torch.matmul(taps, weight.reshape(c_out, c_in, 9).transpose(1, 2))
-    phase_w = phase_w.view(4 * c_out, 2, 2, c_in).permute(0, 3, 1, 2)
-    phases = F.conv2d(x, phase_w, None, padding=1)  # (B, 4 C_out, H+1, W+1), channel = 4 c + 2 a + b
-    # Output (c, 2i + a, 2j + b) is phase (c, a, b) at (i + a, j + b): one strided view reads all four phases,
-    # so the interleave is a single copy (four slice copies cost twice as much from a channels-last map).
-    s_b, s_c, s_h, s_w = phases.stride()
-    grid = phases.as_strided((batch, c_out, height, 2, width, 2),
-                             (s_b, 4 * s_c, s_h, 2 * s_c + s_h, s_w, s_c + s_w))
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-    out = torch.empty((batch, c_out, 2 * height, 2 * width), dtype=phases.dtype, device=x.device, memory_format=fmt)
-    out.view(batch, c_out, height, 2, width, 2).copy_(grid)
-    # The bias is added here rather than in the conv: Inductor in torch 2.11 cannot lower a conv whose bias
-    # is a view of a computed tensor (bias.repeat_interleave(4)).
-    return out if bias is None else out.add_(bias.view(1, c_out, 1, 1))
+    phases = F.conv2d(x, phase_kernel(weight, taps), None, padding=1)  # (B, 4 C_out, H+1, W+1)
+    return interleave_phases(phases, bias, _memory_format(x))
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _subpixel_pays_off(x: torch.Tensor) -> bool:
@@ -105,18 +126,27 @@ def _subpixel_pays_off(x: torch.Tensor) -> bool:
     return x.is_cpu and x.shape[0] * (36 * height * width - 16 * (height + 1) * (width + 1)) >= 512
 
 
-class UpsampleConv(nn.Conv2d):
-    """Nearest 2x upsampling fused with the following 3x3 conv (diffusers' ``Upsample2D(use_conv=True)``)."""
+class UpsampleConv(PackableConv2d):
+    """Nearest 2x upsampling fused with the following 3x3 conv (diffusers' ``Upsample2D(use_conv=True)``).
+
+    With weight prepacking on, the packed kernel is the 2x2 phase kernel (the bias is added after the interleave).
+    """
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, kernel_size=3, padding=1)
         self.register_buffer("phase_taps", _phase_taps(), persistent=False)
 
+    def packing_geometry(self):
+        """The phase kernel of the current weight, no bias, padding 1, stride 1."""
+        return (lambda: phase_kernel(self.weight, self.phase_taps.to(self.weight.dtype))), None, [1, 1], [1, 1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Upsample ``(B, C, H, W)`` to ``(B, C, 2H, 2W)``."""
-        if _subpixel_pays_off(x):
-            return subpixel_upsample_conv(x, self.weight, self.bias, self.phase_taps.to(self.weight.dtype))
-        return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if not _subpixel_pays_off(x):
+            return nn.Conv2d.forward(self, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if self.uses_pack(x):
+            return interleave_phases(self.packed_conv(x), self.bias, torch.channels_last)
+        return subpixel_upsample_conv(x, self.weight, self.bias, self.phase_taps.to(self.weight.dtype))
 
 
 class Upsample(nn.Module):
@@ -142,7 +172,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.pad_right_bottom = padding == 0
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=padding)
+        self.conv = conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Downsample ``(B, C, H, W)`` to ``(B, C, H/2, W/2)``."""
@@ -173,13 +203,13 @@ class ResnetBlock(nn.Module):
                  resample: str | None = None):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.conv1 = conv2d(in_channels, out_channels, 3, padding=1)
         proj_channels = 2 * out_channels if time_scale_shift == "scale_shift" else out_channels
         self.time_emb_proj = nn.Linear(temb_channels, proj_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+        self.conv2 = conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.act = activation(act_fn)
         self.scale_shift = time_scale_shift == "scale_shift"
         self.output_scale_factor = output_scale_factor

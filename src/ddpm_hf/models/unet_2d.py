@@ -22,6 +22,7 @@ from torch import nn
 
 from .blocks import DownBlock, MidBlock, UpBlock, activation
 from .config_checks import ConfigError, strip_legacy_prefix, validate_config
+from .packed_conv import conv2d, set_prepacking
 from .embeddings import GaussianFourierEmbedding, SinusoidalTimestepEmbedding, TimestepMLP
 
 __all__ = ["UNet2DModel", "UNet2DOutput"]
@@ -38,6 +39,10 @@ def _validate(config) -> None:
         if error.key in config.get("_use_default_values", ()):
             raise type(error)(error.key, f"{error} (the default: the config does not set {error.key})") from None
         raise
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _with_variant(name: str, variant: str | None) -> str:
@@ -148,7 +153,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         channels = list(block_out_channels)
         time_embed_dim = time_embedding_dim or 4 * channels[0]
         self.sample_size = sample_size
-        self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.conv_in = conv2d(in_channels, channels[0], 3, padding=1)
         self.time_proj, proj_dim = self._build_time_proj(time_embedding_type, channels[0], flip_sin_to_cos,
                                                          freq_shift, num_train_timesteps)
         self.time_embedding = TimestepMLP(proj_dim, time_embed_dim)
@@ -159,6 +164,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self._center_input_sample = center_input_sample
         self._fourier = time_embedding_type == "fourier"
         self._class_labels_as_timesteps = class_embed_type == "timestep"
+        self._prepack = False
 
         resnet_kwargs = dict(temb_channels=time_embed_dim, groups=norm_num_groups, eps=norm_eps, dropout=dropout,
                              act_fn=act_fn, time_scale_shift=resnet_time_scale_shift)
@@ -195,7 +201,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
                 upsample, resnet_kwargs))
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps)
-        self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
+        self.conv_out = conv2d(channels[0], out_channels, 3, padding=1)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "UNet2DModel":
@@ -224,6 +230,24 @@ class UNet2DModel(ModelMixin, ConfigMixin):
             weights = _weights_file(folder, kwargs.get("variant"), kwargs.get("use_safetensors"))
             raise ValueError(f"{weights}: the weights do not fit the config in {config_file} (a checkpoint of "
                              f"another model config?): {error}") from error
+
+    def enable_weight_prepacking(self) -> None:
+        """Run CPU inference on convolution weights packed once for oneDNN (see ``models/packed_conv.py``).
+
+        Opt-in: it keeps an extra copy of every conv weight (per dtype used) and changes only how the same
+        convolutions are computed (outputs agree with the default path to float rounding). It applies under
+        ``torch.no_grad``/``torch.inference_mode`` on CPU in fp32, bf16 or bf16 autocast, outside
+        ``torch.compile``; training and gradients always use the default path. Packs follow weight updates made
+        through autograd-visible in-place ops and replacements; after writing weights through ``param.data``,
+        call this again (it drops every pack). Parameters, ``state_dict`` and saving are unaffected.
+        """
+        self._prepack = True
+        set_prepacking(self, True)
+
+    def disable_weight_prepacking(self) -> None:
+        """Go back to plain ``F.conv2d`` calls and free the packed weights."""
+        self._prepack = False
+        set_prepacking(self, False)
 
     @staticmethod
     def _head_dim(attention_head_dim: int | None, channels: int) -> int:
@@ -334,6 +358,8 @@ class UNet2DModel(ModelMixin, ConfigMixin):
 
         if self._fourier:
             h = h / timesteps.reshape(-1, 1, 1, 1)
+        if self._prepack:  # packed convs return channels-last maps; hand back the caller's layout
+            h = h.contiguous(memory_format=torch.channels_last if _is_channels_last(sample) else torch.contiguous_format)
         if not return_dict:
             return (h,)
         return UNet2DOutput(sample=h)
