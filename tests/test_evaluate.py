@@ -24,7 +24,6 @@ from ddpm_hf.evaluate import (
     digits_split_indices,
     evaluate_pipeline,
     fid_from_features,
-    frechet_distance,
     load_digits_classifier,
 )
 
@@ -92,20 +91,20 @@ def _scipy_fd(mu1, s1, mu2, s2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def test_frechet_distance_against_scipy_sqrtm_and_closed_forms():
+def test_fid_against_scipy_sqrtm_symmetry_shift_and_singular_covariances():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 6)), rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 1.5
     stats_a = a.mean(0), np.cov(a, rowvar=False)
     stats_b = b.mean(0), np.cov(b, rowvar=False)
-    assert frechet_distance(*stats_a, *stats_b) == pytest.approx(_scipy_fd(*stats_a, *stats_b), rel=1e-8)
-    assert frechet_distance(*stats_a, *stats_b) == pytest.approx(frechet_distance(*stats_b, *stats_a), rel=1e-8)
-    assert frechet_distance(*stats_a, *stats_a) == pytest.approx(0, abs=1e-9)
-    shift = np.arange(6.0)
-    assert frechet_distance(stats_a[0], stats_a[1], stats_a[0] + shift, stats_a[1]) == pytest.approx(55.0)
-    singular = np.cov(rng.normal(size=(3, 6)), rowvar=False)  # rank 2: fewer samples than features
-    assert np.isfinite(frechet_distance(stats_a[0], singular, stats_b[0], stats_b[1]))
-    with pytest.raises(ValueError, match="shapes"):
-        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    assert fid_from_features(tb, ta) == pytest.approx(_scipy_fd(*stats_a, *stats_b), rel=1e-8)
+    assert fid_from_features(tb, ta) == pytest.approx(fid_from_features(ta, tb), rel=1e-8)
+    shift = torch.arange(6.0, dtype=torch.float64)
+    assert fid_from_features(ta + shift, ta) == pytest.approx(55.0, rel=1e-9)  # |shift|^2, same covariance
+    few = torch.from_numpy(rng.normal(size=(3, 6)))  # rank 2: fewer samples than features
+    assert np.isfinite(fid_from_features(few, tb))
+    with pytest.raises(ValueError, match="features"):
+        fid_from_features(torch.zeros(5, 3), torch.zeros(5, 4))
 
 
 def _with_moments(rng, n, mean, cov):
@@ -127,8 +126,9 @@ def test_fid_of_two_gaussians_with_known_moments_is_the_closed_form():
     assert got == pytest.approx(expected, rel=1e-9)
     # commuting (diagonal) covariances: d^2 = |mu1 - mu2|^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2
     d1, d2 = np.array([1.0, 4, 9]), np.array([4.0, 1, 0.25])
-    diagonal = frechet_distance(np.zeros(3), np.diag(d1), np.ones(3), np.diag(d2))
-    assert diagonal == pytest.approx(3 + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-12)
+    diagonal = fid_from_features(_with_moments(rng, 50, np.zeros(3), np.diag(d1)),
+                                 _with_moments(rng, 60, np.ones(3), np.diag(d2)))
+    assert diagonal == pytest.approx(3 + ((np.sqrt(d1) - np.sqrt(d2)) ** 2).sum(), rel=1e-9)
 
 
 def test_identical_sets_smaller_than_the_feature_count_score_exactly_zero():
@@ -264,10 +264,11 @@ class _FakeInception(nn.Module):
 def test_inception_features_from_a_local_torchscript_file(digits, tmp_path, monkeypatch):
     path = tmp_path / "inception.pt"
     torch.jit.script(_FakeInception()).save(str(path))
-    # constant images survive any resize exactly: the network must see 3 channels of (c + 1) * 127.5
+    # constant images survive any resize exactly: the network must see 3 channels of the 8-bit value
+    # round((c + 1) * 127.5) a saved PNG would hold (pytorch-fid's convention)
     levels = torch.tensor([-1.0, -0.5, 0.0, 1.0])
-    features = evaluate.load_inception_features(str(path))(levels.view(4, 1, 1, 1).expand(4, 1, 16, 16))
-    expected = (levels.double() + 1) * 127.5
+    features = evaluate.inception_features(str(path))(levels.view(4, 1, 1, 1).expand(4, 1, 16, 16))
+    expected = torch.tensor([0.0, 64.0, 128.0, 255.0], dtype=torch.float64)
     assert torch.allclose(features.double(), torch.stack([expected, torch.zeros(4), expected], 1), atol=1e-4)
     monkeypatch.setenv(evaluate.INCEPTION_ENV, str(path))
     metrics = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=20,
@@ -275,12 +276,13 @@ def test_inception_features_from_a_local_torchscript_file(digits, tmp_path, monk
     assert metrics["fid_inception"] > metrics["fid_inception_floor"] >= 0.0 and "fid_digits" in metrics
 
 
-def test_missing_inception_weights_say_what_to_set(digits, monkeypatch):
-    monkeypatch.delenv(evaluate.INCEPTION_ENV, raising=False)
-    with pytest.raises(FileNotFoundError, match=evaluate.INCEPTION_ENV):
+def test_missing_inception_weights_name_the_file_and_auto_skips_inception(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv(evaluate.INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], feature_extractor="inception")
+    monkeypatch.delenv(evaluate.INCEPTION_ENV)
     auto = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=8, num_bpd_images=0)
-    assert "fid_inception" not in auto and "fid_digits" in auto
+    assert "fid_inception" not in auto and "fid_digits" in auto and "kid_digits" in auto
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -318,3 +320,28 @@ def test_cli_on_a_tiny_pipeline_saved_with_diffusers_classes(tmp_path, capsys):
     assert printed["real_split"] == printed["bpd_split"] == "test" and printed["num_real_b"] == 225
     assert printed["sampler"] == "DDPMScheduler" and printed["num_inference_steps"] == 10 and printed["seed"] == 0
     assert printed["num_bpd_images"] == 4 and np.isfinite(printed["bits_per_dim"]) and printed["bits_per_dim"] > 0
+
+
+def test_reference_statistics_are_cached_and_reused(digits, tmp_path):
+    def run():
+        return evaluate_pipeline(ReplayPipeline(digits["test"][:12]), digits["train"][:40], num_samples=12,
+                                 num_bpd_images=0, reference_cache=str(tmp_path))
+    first = run()
+    files = list(tmp_path.glob("reference_digits_*.npz"))
+    assert len(files) == 1 and "kid_digits" in first
+    second = run()  # from the cache: the same FID and floor, KID skipped (it needs the features)
+    assert second["fid_digits"] == pytest.approx(first["fid_digits"], rel=1e-6)  # np.cov vs running sums
+    assert second["fid_digits_floor"] == pytest.approx(first["fid_digits_floor"], rel=1e-6)
+    assert "kid_digits" not in second
+    other = evaluate_pipeline(ReplayPipeline(digits["test"][:12]), digits["train"][40:80], num_samples=12,
+                              num_bpd_images=0, reference_cache=str(tmp_path))
+    assert len(list(tmp_path.glob("reference_digits_*.npz"))) == 2  # other images: another key, no stale reuse
+    assert other["fid_digits"] != first["fid_digits"]
+
+
+@pytest.mark.slow
+def test_packaged_inception_fid_runs_offline_through_evaluate(digits):
+    metrics = evaluate_pipeline(ReplayPipeline(digits["test"][:6]), digits["train"][:12], num_samples=6,
+                                feature_extractor="inception", num_bpd_images=0, batch_size=6)
+    assert metrics["fid_inception"] > 0 and metrics["fid_inception_floor"] > 0
+    assert (metrics["num_generated"], metrics["num_real_a"], metrics["num_real_b"]) == (6, 6, 6)

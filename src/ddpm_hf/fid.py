@@ -73,12 +73,11 @@ def packaged_inception_weights() -> Path:
     return path
 
 
-def to_inception_input(images: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` images in [-1, 1] (C = 1 or 3) -> ``(N, 3, 299, 299)`` in TF Inception's input range.
+def inception_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` images in [-1, 1] (C = 1 or 3) -> ``(N, 3, 299, 299)`` pixel values in [0, 255].
 
     pytorch-fid's convention: the images are first rounded to the 8-bit values a saved PNG would hold, grey is
-    repeated to RGB, the resize is bilinear without antialiasing, and the TF graph's scaling (x - 128) / 128
-    follows.
+    repeated to RGB, and the resize is bilinear without antialiasing.
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be (N, 1 or 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
@@ -86,7 +85,12 @@ def to_inception_input(images: torch.Tensor) -> torch.Tensor:
     rgb = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
     resized = F.interpolate(rgb, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False,
                             antialias=False)
-    return (resized - 128.0) / 128.0
+    return resized.clamp_(0, 255)  # bilinear weights sum to 1 only up to rounding: 255 can come out as 255.00002
+
+
+def to_inception_input(images: torch.Tensor) -> torch.Tensor:
+    """``inception_pixels`` scaled as the TF graph scales its input, (x - 128) / 128: the range (-1, 0.9921875)."""
+    return (inception_pixels(images) - 128.0) / 128.0
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -113,15 +117,15 @@ class InceptionFeatures(nn.Module):
         path = packaged_inception_weights() if weights is None else Path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights file {str(path)!r} does not exist (inception_weights)")
+        self.cache_key = INCEPTION_SHA1 if self.packaged else _sha1(path)  # names cached reference statistics
         self.net = _load_torchscript(path)
         self.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_inception_input(images)
         if self.packaged:
-            return self.net(x).reshape(len(x), -1)
-        return self.net(x * 128.0 + 128.0, return_features=True).reshape(len(x), -1)
+            return self.net(to_inception_input(images)).reshape(len(images), -1)
+        return self.net(inception_pixels(images), return_features=True).reshape(len(images), -1)
 
 
 class _GivenFeatures(nn.Module):
@@ -179,19 +183,22 @@ def _load_real_state(metric: Any, stats: dict[str, np.ndarray]) -> None:
 
 
 def distances(fake: torch.Tensor, real: torch.Tensor | None = None, *, real_stats: dict | None = None,
-              kid_subset_size: int | None = None, kid_subsets: int = 100, seed: int = 0) -> dict[str, Any]:
+              kid: bool = True, kid_subset_size: int | None = None, kid_subsets: int = 100,
+              seed: int = 0) -> dict[str, Any]:
     """FID (and KID when the real features are given) between two feature sets, by torchmetrics.
 
     Args:
         fake: ``(N, D)`` features of generated images.
         real: ``(M, D)`` features of the reference images; or pass ``real_stats`` (from ``load_reference_stats``).
         real_stats: cached reference statistics instead of ``real`` (KID then needs ``real`` and is skipped).
+        kid: also compute KID (needs ``real``).
         kid_subset_size: KID subset size (default ``min(N, M, 1000)``, KID's usual 1000 when there are enough).
         kid_subsets: number of KID subsets.
         seed: seeds KID's subset draws, so results repeat.
 
     Returns:
-        ``fid``, ``num_fake``, ``num_real``, and with ``real`` also ``kid`` and ``kid_std``. FID is clamped at 0
+        ``fid``, ``num_fake``, ``num_real``, and with ``real`` and ``kid`` also ``kid``, ``kid_std`` and
+        ``kid_subset_size``. FID is clamped at 0
         (rounding makes it slightly negative for identical sets).
     """
     if (real is None) == (real_stats is None):
@@ -208,15 +215,15 @@ def distances(fake: torch.Tensor, real: torch.Tensor | None = None, *, real_stat
         _load_real_state(fid, real_stats)
     num_real = int(fid.real_features_num_samples)
     result: dict[str, Any] = {"fid": max(0.0, float(fid.compute())), "num_fake": len(fake), "num_real": num_real}
-    if real is not None:
+    if kid and real is not None:
         subset = kid_subset_size or min(len(fake), len(real), 1000)
         with warnings.catch_warnings():  # "will save all extracted features": that is what KID needs
             warnings.filterwarnings("ignore", message=r".*save all extracted features", category=UserWarning)
-            kid = kid_cls(feature=_GivenFeatures(dim), subsets=kid_subsets, subset_size=subset)
-        kid.update(real, real=True)
-        kid.update(fake, real=False)
+            metric = kid_cls(feature=_GivenFeatures(dim), subsets=kid_subsets, subset_size=subset)
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            kid_mean, kid_std = kid.compute()
+            kid_mean, kid_std = metric.compute()
         result.update(kid=float(kid_mean), kid_std=float(kid_std), kid_subset_size=subset)
     return result
