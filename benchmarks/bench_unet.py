@@ -1,12 +1,13 @@
 """Network forward: diffusers.UNet2DModel vs ddpm_hf.UNet2DModel, and both against the machine's conv limit.
 
 For each preset (tiny at batch 8, the DDPM CIFAR-10 net at batch 2) and dtype (fp32; bf16 autocast where the CPU
-has native bf16, "emulated, skipped" otherwise) one interleaved run alternates ours / diffusers' (who goes first
-alternates too) with the same weights and inputs, and in the same rounds times every distinct 3x3 convolution
-shape of the net alone (same dtype, bf16 tensors for bf16). It prints the median times, the median per-round
-ratio diffusers / ours with its spread (min-max over rounds), the forward's GFLOP/s
-(``torch.utils.flop_counter.FlopCounterMode``), the best 3x3 conv's GFLOP/s and the fraction of it each
-forward reaches. Times are per-thread CPU time (``time.thread_time``): on a machine shared with other jobs it
+has native bf16, "emulated, skipped" otherwise) one interleaved run alternates diffusers', ours (default) and
+ours with ``enable_weight_prepacking()`` (the order reverses every round), same weights and inputs, and in the
+same rounds times every distinct 3x3 convolution shape of the net alone, same dtype (bf16 tensors for bf16),
+both as ``F.conv2d`` and on a packed oneDNN weight with a channels-last input; the best of all of them is the
+limit. It prints the median times, the median per-round ratio diffusers / ours with its spread (min-max over
+rounds), the forward's GFLOP/s (``torch.utils.flop_counter.FlopCounterMode``), the best 3x3 conv's GFLOP/s and
+the fraction of it each forward reaches. Times are per-thread CPU time (``time.thread_time``): on a machine shared with other jobs it
 does not count the time this process waits for a core; ``--clock wall`` uses ``time.perf_counter`` instead.
 
 ``--profile`` adds, per net and dtype, a torch.profiler table of the top ops by self CPU time.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import time
@@ -88,8 +90,15 @@ def conv3x3_cases(net, x: torch.Tensor, t: torch.Tensor, dtype: str) -> list:
         b = torch.randn(w_shape[0]).to(xi.dtype)
         out = F.conv2d(xi, w, b, stride, padding)
         flops = 2 * out.numel() * w_shape[1] * w_shape[2] * w_shape[3]
-        cases.append((f"{in_shape}->{tuple(out.shape)}", flops,
-                      lambda xi=xi, w=w, b=b, s=stride, p=padding: F.conv2d(xi, w, b, s, p)))
+        name = f"{in_shape}->{tuple(out.shape)}"
+        cases.append((name, flops, lambda xi=xi, w=w, b=b, s=stride, p=padding: F.conv2d(xi, w, b, s, p)))
+        if torch.backends.mkldnn.is_available():
+            xl, wl = xi.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+            packed = torch.ops.mkldnn._reorder_convolution_weight(wl, list(padding), list(stride), [1, 1], 1,
+                                                                  list(in_shape))
+            cases.append((name + " packed", flops, lambda xl=xl, w=packed, b=b, s=stride, p=padding:
+                          torch.ops.mkldnn._convolution_pointwise(xl, w, b, list(p), list(s), [1, 1], 1, "none",
+                                                                  [], "")))
     return cases
 
 
@@ -118,21 +127,23 @@ def interleaved(fns: dict, rounds: int, calls: int, clock) -> dict[str, list[flo
     return times
 
 
-def run_case(theirs, ours, x, t, dtype: str, flops: int, convs: list, args: argparse.Namespace, clock) -> None:
-    """Time one (preset, dtype, mode) with the forward's FLOPs and the net's conv cases; print two lines."""
-    fns = {"theirs": lambda: theirs(x, t), "ours": lambda: ours(x, t)}
+def run_case(nets: dict, x, t, dtype: str, flops: int, convs: list, args: argparse.Namespace, clock) -> None:
+    """Time one (preset, dtype, mode): ``nets`` maps a peer name to a net, "diffusers" first; print the rows."""
+    fns = {name: (lambda net=net: net(x, t)) for name, net in nets.items()}
     fns.update({name: fn for name, _, fn in convs})
     with torch.inference_mode(), dtype_context(dtype):
         times = interleaved(fns, args.rounds, args.calls, clock)
-    ratios = [a / b for a, b in zip(times["theirs"], times["ours"])]
     best_name, best_rate = max(((name, f / statistics.median(times[name])) for name, f, _ in convs),
                                key=lambda item: item[1])
-    ta, tb = statistics.median(times["theirs"]), statistics.median(times["ours"])
-    print(f"  ratio diffusers/ours {statistics.median(ratios):.2f}x (rounds: {min(ratios):.2f}-{max(ratios):.2f}); "
-          f"diffusers {ta * 1e3:.2f} ms, ours {tb * 1e3:.2f} ms; forward {flops / 1e9:.3f} GFLOP", flush=True)
-    print(f"  GFLOP/s: ours {flops / tb / 1e9:.0f}, diffusers {flops / ta / 1e9:.0f}, best 3x3 conv "
-          f"{best_rate / 1e9:.0f} ({best_name}); limit fraction ours {flops / tb / best_rate:.0%}, "
-          f"diffusers {flops / ta / best_rate:.0%}", flush=True)
+    print(f"  forward {flops / 1e9:.3f} GFLOP; best 3x3 conv of the net's shapes {best_rate / 1e9:.0f} GFLOP/s "
+          f"({best_name})")
+    base = statistics.median(times["diffusers"])
+    for name in nets:
+        ratios = [a / b for a, b in zip(times["diffusers"], times[name])]
+        median = statistics.median(times[name])
+        print(f"  {name:<18} {median * 1e3:8.2f} ms  diffusers/this {base / median:.2f}x, per round "
+              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f});  {flops / median / 1e9:5.0f} "
+              f"GFLOP/s = {flops / median / best_rate:.0%} of the best conv", flush=True)
 
 
 def profile_case(theirs, ours, x, t, dtype: str, rows: int = 12) -> None:
@@ -160,6 +171,8 @@ def main() -> None:
     for preset in args.configs:
         batch = CASES[preset]
         theirs, ours = build_pair(preset, memory_format)
+        packed = copy.deepcopy(ours)
+        packed.enable_weight_prepacking()
         cfg = ours.config
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
@@ -171,12 +184,12 @@ def main() -> None:
                 continue
             flops, convs = forward_flops(ours, x, t, dtype), conv3x3_cases(ours, x, t, dtype)
             for mode in args.modes:
-                a, b = theirs, ours
-                if mode == "compiled":
+                nets = {"diffusers": theirs, "ours": ours, "ours prepacked": packed}
+                if mode == "compiled":  # Inductor; prepacking is the eager route to what freezing does there
                     torch._dynamo.reset()
-                    a, b = torch.compile(theirs), torch.compile(ours, fullgraph=True)
+                    nets = {"diffusers": torch.compile(theirs), "ours": torch.compile(ours, fullgraph=True)}
                 print(f"{preset} batch {batch} {dtype} {mode}:", flush=True)
-                run_case(a, b, x, t, dtype, flops, convs, args, clock)
+                run_case(nets, x, t, dtype, flops, convs, args, clock)
             if args.profile:
                 profile_case(theirs, ours, x, t, dtype)
 

@@ -16,9 +16,17 @@ import torch.nn.functional as F
 
 from ddpm_hf.models import UNET_PRESETS, UNet2DModel
 from ddpm_hf.models.blocks import UpsampleConv, subpixel_upsample_conv
+from ddpm_hf.models import packed_conv
 from ddpm_hf.models.packed_conv import PackableConv2d
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking is a oneDNN path")
+
+
+@pytest.fixture(autouse=True)
+def pack_every_conv(monkeypatch):
+    """These small test nets have no weight as big as ``MIN_PACKED_WEIGHT``: pack every conv, 1x1 included."""
+    monkeypatch.setattr(packed_conv, "MIN_PACKED_WEIGHT", 0)
+    monkeypatch.setattr(PackableConv2d, "worth_packing", lambda self: True)
 
 TINY = UNET_PRESETS["tiny"]
 # Every packable conv kind: 1x1 shortcuts, TF-style padded downsampling, resnet resamplers, fused upsampling.
@@ -168,3 +176,18 @@ def test_packed_fused_upsampling_equals_upsample_then_conv():
         out = up(x)
         assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-5)
         assert torch.allclose(subpixel_upsample_conv(x, up.weight, up.bias, up.phase_taps), out, atol=1e-5)
+
+
+def test_only_convs_worth_packing_are_packed(monkeypatch):
+    """With the real rule: the tiny preset's 3x3 64-channel convs and phase kernels, not its 32-channel or 1x1 ones."""
+    monkeypatch.undo()
+    theirs, ours, x, t = pair(TINY)
+    ours.enable_weight_prepacking()
+    packed = {name for name, m in ours.named_modules() if isinstance(m, PackableConv2d) and m.prepack}
+    assert "down_blocks.1.resnets.0.conv2" in packed and "up_blocks.0.upsamplers.0.conv" in packed
+    assert "conv_in" not in packed and "down_blocks.0.resnets.0.conv1" not in packed  # 32 channels
+    assert "up_blocks.0.resnets.0.conv_shortcut" not in packed  # 1x1
+    assert all(packed_conv.MIN_PACKED_WEIGHT <= ours.get_submodule(name).weight.numel() for name in packed)
+    assert 0 < packed_calls(ours, x, t) == len(packed)
+    with torch.no_grad():
+        assert rel_err(ours(x, t).sample, theirs(x, t).sample) < 1e-5

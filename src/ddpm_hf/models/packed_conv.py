@@ -3,10 +3,10 @@
 Why: ``F.conv2d`` on CPU hands oneDNN a plain ``(C_out, C_in, kh, kw)`` weight, and oneDNN reorders it into its
 blocked layout on every call. Profiled on the DDPM CIFAR-10 net at batch 2 (one thread, ``ONEDNN_VERBOSE``), those
 weight reorders cost ~12% of the convolution time, and more for the small 4x4/8x8 maps, where a conv is a few
-hundred microseconds; 1x1 convs at batch < 16 with one thread do not even reach oneDNN (PyTorch routes them to its
-slower im2col kernel). Packing each weight once (``torch.ops.mkldnn._reorder_convolution_weight``) and running
-``torch.ops.mkldnn._convolution_pointwise`` removes both; that op returns channels-last maps, which also spares
-oneDNN the per-call activation reorders of the following convs. This is what Inductor's weight freezing does for
+hundred microseconds. Packing each weight once (``torch.ops.mkldnn._reorder_convolution_weight``) and running
+``torch.ops.mkldnn._convolution_pointwise`` removes them; that op returns channels-last maps, which also spares
+oneDNN the per-call activation reorders of the following convs. Its fixed cost per call is higher, so small
+weights and 1x1 convs stay on ``F.conv2d`` (``MIN_PACKED_WEIGHT``). This is what Inductor's weight freezing does for
 compiled CPU models, here for eager inference.
 
 The packs are a cache beside the parameters, never in ``state_dict``: they are used only when prepacking is on,
@@ -27,6 +27,10 @@ from torch import nn
 __all__ = ["PackCache", "PackableConv2d", "conv2d", "set_prepacking"]
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# The packed op costs ~25-30 us more per call than F.conv2d (one thread, measured at batch 1 and 8 on 4x4-16x16
+# maps), so only weights whose per-call reorder costs more than that are packed: 3x3 (or the 2x2 phase) kernels
+# of at least this many elements (64 -> 64 channels 3x3 and up). 1x1 convs measured slower packed at every size.
+MIN_PACKED_WEIGHT = 32768
 
 
 class PackCache(dict):
@@ -49,7 +53,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class PackableConv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same module type for hooks) that can run with a pre-packed oneDNN weight.
 
-    ``prepack`` is off by default; ``UNet2DModel.enable_weight_prepacking`` turns it on. Subclasses whose
+    ``prepack`` is off by default; ``UNet2DModel.enable_weight_prepacking`` turns it on where ``worth_packing``
+    (setting it by hand forces it). Subclasses whose
     effective kernel is computed from ``weight`` (the fused upsampling conv) override ``packing_geometry``.
     """
 
@@ -57,6 +62,10 @@ class PackableConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.prepack = False
         self._packs = PackCache()
+
+    def worth_packing(self) -> bool:
+        """Whether packing this conv pays (see ``MIN_PACKED_WEIGHT``)."""
+        return tuple(self.kernel_size) != (1, 1) and self.weight.numel() >= MIN_PACKED_WEIGHT
 
     def packing_geometry(self) -> tuple[Callable[[], torch.Tensor], torch.Tensor | None, list[int], list[int]]:
         """The effective kernel (a function of the current weight), its bias, padding and stride."""
@@ -98,14 +107,14 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 
 
 def set_prepacking(module: nn.Module, enabled: bool) -> None:
-    """Set ``prepack`` on every ``PackableConv2d`` under ``module`` and forget all packed weights.
+    """Turn packing on (where ``worth_packing``) or off for every ``PackableConv2d`` under ``module``; forget packs.
 
     Args:
         module: a model or block.
-        enabled: the new ``prepack`` value.
+        enabled: pack from now on, or not.
     """
     for sub in module.modules():
         if isinstance(sub, PackableConv2d):
-            sub.prepack = enabled
+            sub.prepack = enabled and sub.worth_packing()
             sub._packs.clear()
 
