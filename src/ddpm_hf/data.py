@@ -25,6 +25,9 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 DIGITS_NAME = "sklearn-digits"  # how model cards and logs name the built-in data
+# The fixed, stratified held-out split of the built-in digits: training sees "train", evaluation scores "test".
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.25
 # PIL modes that carry a single intensity channel (plus, for LA, alpha).
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
@@ -237,10 +240,30 @@ class EpochDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
 
+def digits_split_indices(split: str) -> np.ndarray:
+    """Indices into ``sklearn.datasets.load_digits()`` of a fixed, stratified split.
+
+    Args:
+        split: ``"train"`` (75 %), ``"test"`` (25 %) or ``"all"``.
+
+    Returns:
+        Sorted int64 indices.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    labels = load_digits().target
+    if split == "all":
+        return np.arange(len(labels))
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be one of ('train', 'test', 'all'), got {split!r}")
+    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, stratify=labels,
+                                   random_state=DIGITS_SPLIT_SEED)
+    return np.sort(train if split == "train" else test)
+
+
 def digits_split_text() -> str:
     """The built-in digits' training split in words, e.g. "1,347 of the 1,797 digits (stratified 75 %, ...)"."""
-    from .evaluate import DIGITS_SPLIT_SEED, DIGITS_TEST_FRACTION, digits_split_indices
-
     train, total = len(digits_split_indices("train")), len(digits_split_indices("all"))
     return (f"the fixed 'train' split: {train:,} of the {total:,} digits (stratified "
             f"{100 * (1 - DIGITS_TEST_FRACTION):g} %, seed {DIGITS_SPLIT_SEED}); {total - train:,} held out")
@@ -249,7 +272,7 @@ def digits_split_text() -> str:
 class DigitsDataset(EpochDataset):
     """The built-in digits of one fixed split; ``random_flip`` flips per (seed, epoch, index).
 
-    The split is ``ddpm_hf.evaluate.digits_split_indices``: training uses "train" only, so that evaluation can
+    The split is `digits_split_indices`: training uses "train" only, so that evaluation can
     score against "test" images the model never saw.
 
     Args:
@@ -262,8 +285,6 @@ class DigitsDataset(EpochDataset):
     def __init__(self, resolution: int = 16, random_flip: bool = False, seed: int = 0, split: str = "train"):
         super().__init__(seed)
         from sklearn.datasets import load_digits
-
-        from .evaluate import digits_split_indices
 
         indices = torch.from_numpy(digits_split_indices(split))
         self.images = load_digits_tensor(resolution)[indices]

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import DIGITS_SPLIT_SEED, digits_split_indices
 from .fid import InceptionFeatures, distances, load_reference_stats, save_reference_stats
 
 logger = logging.getLogger(__name__)
@@ -52,34 +53,10 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 FEATURE_EXTRACTORS = ("auto", "digits", "inception")
 INCEPTION_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
 CACHE_ENV = "DDPM_HF_CACHE"
-DIGITS_SPLIT_SEED = 0
-DIGITS_TEST_FRACTION = 0.25
 _CLASSIFIER_FILE = "digits_classifier_v1.safetensors"  # bump the version whenever the net or its training changes
 
 
 # ---- the digits split and classifier -----------------------------------------------------------------------------
-
-
-def digits_split_indices(split: str) -> np.ndarray:
-    """Indices into ``sklearn.datasets.load_digits()`` of a fixed, stratified split.
-
-    Args:
-        split: ``"train"`` (75 %), ``"test"`` (25 %) or ``"all"``.
-
-    Returns:
-        Sorted int64 indices.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    labels = load_digits().target
-    if split == "all":
-        return np.arange(len(labels))
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be one of ('train', 'test', 'all'), got {split!r}")
-    train, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, stratify=labels,
-                                   random_state=DIGITS_SPLIT_SEED)
-    return np.sort(train if split == "train" else test)
 
 
 def _digits_8x8(split: str) -> tuple[torch.Tensor, torch.Tensor]:

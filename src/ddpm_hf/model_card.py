@@ -41,7 +41,7 @@ WEIGHTS = ("EMA", "raw")
 STOCK_PIPELINE = "DDPMPipeline"
 _SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential", re.IGNORECASE)
 # Hub license identifiers are lower-case slugs such as apache-2.0, mit, cc-by-4.0, openrail++ or other.
-_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+_-]*")
+LICENSE_PATTERN = re.compile(r"[a-z0-9][a-z0-9.+_-]*")  # Hub license ids: apache-2.0, mit, cc-by-4.0, other
 # A reference described as held out (but not "not held out") while EvalFacts.heldout is False contradicts itself.
 _HELD_OUT_WORDS = re.compile(r"(?<!not )held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
 # Keys of ddpm_hf.evaluate's results: metrics are shown only in the Evaluation section and only with EvalFacts;
@@ -316,7 +316,7 @@ def _check_run(run: RunFacts, folder: SavedFolder, out: Path) -> None:
     if not isinstance(run.metrics, dict):
         raise TypeError(f"RunFacts.metrics must be a dict, got {type(run.metrics).__name__}")
     check_int("RunFacts.global_step", run.global_step, 0)
-    if run.license is not None and (not isinstance(run.license, str) or not _LICENSE.fullmatch(run.license)):
+    if run.license is not None and (not isinstance(run.license, str) or not LICENSE_PATTERN.fullmatch(run.license)):
         raise ValueError(f"RunFacts.license must be a Hub license id (e.g. 'apache-2.0', 'mit') or None, "
                          f"got {run.license!r}")
     if run.grid is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from transformers import HfArgumentParser
 
 from .. import diffusion_math as dm
 from ..data import DataConfig
+from ..model_card import LICENSE_PATTERN, SAMPLERS
 from ..models.presets import UNET_PRESETS
 from ..validation import check_choice, check_int, check_real, is_bool, is_int, is_real
 
@@ -39,8 +39,7 @@ LR_SCHEDULERS = tuple(t.value for t in SchedulerType if t is not SchedulerType.P
 MIXED_PRECISION = tuple(p.value for p in PrecisionType if p is not PrecisionType.FP8)
 # "learned" (the raw log-variance) has no training loss here; "learned_range" trains the improved-DDPM hybrid loss.
 TRAINABLE_VARIANCE_TYPES = tuple(v for v in dm.VARIANCE_TYPES if v != "learned")
-GRID_SAMPLERS = ("ddim", "ddpm")
-_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]*")  # the Hub's license identifiers: apache-2.0, mit, cc-by-4.0, other
+GRID_SAMPLERS = tuple(name.lower() for name in SAMPLERS)  # the card names them in capitals
 
 
 def _choices(values: tuple[str, ...], help_text: str) -> dict:
@@ -195,7 +194,7 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
     check_int("--seed", train.seed, 0)
     if train.seed > 2**32 - 1:  # accelerate's set_seed seeds numpy, whose seeds are 32-bit
         raise ValueError(f"--seed must be at most 2**32 - 1 = {2**32 - 1}, got {train.seed}")
-    if train.license is not None and not _LICENSE.fullmatch(train.license):
+    if train.license is not None and not LICENSE_PATTERN.fullmatch(train.license):
         raise ValueError(f"--license must be a Hub license identifier such as 'apache-2.0', 'mit' or 'other' "
                          f"(lower case, no spaces), got {train.license!r}")
     _check_optimisation(train)
