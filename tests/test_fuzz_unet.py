@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ddpm_hf import UNet2DModel
+from ddpm_hf.models.packed_conv import PackableConv2d
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 ANYTHING = st.one_of(
@@ -44,6 +45,16 @@ def test_config_arguments(key, value):
     labels = {"class_labels": torch.zeros(2, dtype=torch.long)} if config.num_class_embeds else {}
     out = model(x, torch.tensor([3, 5]), **labels).sample
     assert out.shape == (2, config.out_channels, size, size) and torch.isfinite(out).all()
+    if torch.backends.mkldnn.is_available():  # every config that builds also runs prepacked, to the same outputs
+        model.eval()
+        with torch.no_grad():
+            plain = model(x, torch.tensor([3, 5]), **labels).sample
+            model.enable_weight_prepacking()
+            for conv in model.modules():  # this net's weights are all below the packing size: force it
+                if isinstance(conv, PackableConv2d):
+                    conv.prepack = True
+            packed = model(x, torch.tensor([3, 5]), **labels).sample
+        assert torch.allclose(packed, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
 
 
 @pytest.fixture(scope="module")

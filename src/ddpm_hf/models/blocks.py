@@ -111,10 +111,11 @@ def subpixel_upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         ``(B, C_out, 2H, 2W)`` in the memory format of ``x``.
     """
     phases = F.conv2d(x, phase_kernel(weight, taps), None, padding=1)  # (B, 4 C_out, H+1, W+1)
-    return interleave_phases(phases, bias, _memory_format(x))
+    return interleave_phases(phases, bias, memory_format_of(x))
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a strictly channels-last 4-D tensor, else ``torch.contiguous_format``."""
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
 

@@ -20,10 +20,10 @@ from diffusers.utils import (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_W
                              WEIGHTS_NAME)
 from torch import nn
 
-from .blocks import DownBlock, MidBlock, UpBlock, activation
+from .blocks import DownBlock, MidBlock, UpBlock, activation, memory_format_of
 from .config_checks import ConfigError, strip_legacy_prefix, validate_config
-from .packed_conv import conv2d, set_prepacking
 from .embeddings import GaussianFourierEmbedding, SinusoidalTimestepEmbedding, TimestepMLP
+from .packed_conv import conv2d, set_prepacking
 
 __all__ = ["UNet2DModel", "UNet2DOutput"]
 
@@ -39,10 +39,6 @@ def _validate(config) -> None:
         if error.key in config.get("_use_default_values", ()):
             raise type(error)(error.key, f"{error} (the default: the config does not set {error.key})") from None
         raise
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _with_variant(name: str, variant: str | None) -> str:
@@ -359,7 +355,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         if self._fourier:
             h = h / timesteps.reshape(-1, 1, 1, 1)
         if self._prepack:  # packed convs return channels-last maps; hand back the caller's layout
-            h = h.contiguous(memory_format=torch.channels_last if _is_channels_last(sample) else torch.contiguous_format)
+            h = h.contiguous(memory_format=memory_format_of(sample))
         if not return_dict:
             return (h,)
         return UNet2DOutput(sample=h)
