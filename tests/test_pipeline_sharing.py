@@ -253,3 +253,11 @@ def test_hub_round_trip_of_a_remote_code_pipeline(hub, tmp_path):
         images = _images(loaded)
         assert np.isfinite(images).all()
         np.testing.assert_allclose(images, _images(pipe), atol=1e-4, rtol=0)
+
+
+def test_a_config_diffusers_own_class_refuses_is_a_reason_not_a_crash():
+    """diffusers' DDIMScheduler builds with quad spacing but its set_timesteps raises; the contract reports that."""
+    from ddpm_hf.schedulers import contract_for
+
+    reasons = contract_for(diffusers.DDIMScheduler(num_train_timesteps=100, timestep_spacing="quad")).stock_divergences()
+    assert any("cannot sample this config" in r and "quad is not supported" in r for r in reasons), reasons

@@ -1,13 +1,14 @@
-"""``DDPMPipeline``: unconditional DDPM/DDIM sampling as a ``diffusers.DiffusionPipeline``.
+"""``DDPMPipeline``: unconditional and class-conditional DDPM/DDIM sampling as a ``diffusers.DiffusionPipeline``.
 
 Samples like ``diffusers.DDPMPipeline`` / ``DDIMPipeline`` (same noise draws, so the same images for the same
 weights and generator) and adds what users ask diffusers for: DDIM inversion, latent interpolation, SDEdit
-img2img, RePaint inpainting and the DDPM variational bound in bits per dimension.
+img2img, RePaint inpainting and the DDPM variational bound in bits per dimension, each with class labels and
+classifier-free guidance (``ddpm_hf.guidance``).
 
 This module is generation only. Saving and loading (what a folder names, the remote-code fallback) live in
 ``ddpm_hf.sharing``; what a scheduler takes and defaults to is asked of its contract
 (``ddpm_hf.schedulers.registry``). Every network call goes through ``DDPMPipeline._predict`` with the caller's
-``model_kwargs`` (the conditioning conduit).
+``model_kwargs`` (the conditioning conduit); guidance's two passes are combined there, in one batched call.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion_math import q_sample
+from .guidance import ClassConditioning, ClassLabels, Guidance, normalize_id2label, plan_conditioning
 from .editing import (
     ImageInput,
     check_generator,
@@ -36,7 +38,7 @@ from .editing import (
 )
 from .likelihood import LikelihoodOutput, variational_bound
 from .schedulers.contract import SchedulerContract
-from .schedulers.registry import contract_for, deterministic_ddim
+from .schedulers.registry import contract_for, deterministic_ddim, reads_model_variance
 from .sharing import SharingMixin
 from .sharing import to_ddpm_hf_components  # noqa: F401  (pipeline_ddpm_hf.py files saved before sharing.py use it)
 
@@ -46,36 +48,70 @@ REPAINT_DEFAULT_STEPS = 250  # RePaint's schedule length (Lugmayr et al. 2022, s
 
 
 class DDPMPipeline(SharingMixin, DiffusionPipeline):
-    r"""Unconditional image generation with DDPM (ancestral) or DDIM sampling, and image editing.
+    r"""Image generation with DDPM (ancestral), DDIM or diffusers' solvers, class-conditional with classifier-free
+    guidance where the unet has class embeddings, and image editing.
 
     Works with ddpm_hf's and diffusers' ``UNet2DModel`` and any scheduler the registry knows (ddpm_hf's
     ``DDPMScheduler``/``DDIMScheduler``, diffusers' schedulers through an adapter). Saved folders load in stock
     diffusers or are refused by it (``ddpm_hf.sharing``).
 
-    Every method takes ``model_kwargs``: keyword arguments passed to every network call as
-    ``unet(sample, timestep, **model_kwargs)`` (e.g. ``{"class_labels": labels}``).
+    Every method takes ``class_labels`` (``ddpm_hf.guidance``) and ``model_kwargs``: keyword arguments passed to
+    every network call as ``unet(sample, timestep, **model_kwargs)``.
 
     Args:
         unet: the noise-prediction network.
         scheduler: the sampler.
+        id2label: class index -> name of a class-conditional unet (saved in model_index.json with string keys, as
+            transformers' configs save it); the unet takes classifier-free guidance iff its
+            ``num_class_embeds == len(id2label) + 1`` (the null class is the last index).
     """
 
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, id2label: dict[int, str] | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        id2label = normalize_id2label(id2label)
+        if id2label is not None:  # registered like StableDiffusionPipeline's requires_safety_checker: from_pretrained restores it
+            if unet is not None:
+                ClassConditioning.of(unet.config, id2label)  # a count that fits neither layout is refused here
+            self.register_to_config(id2label={str(k): v for k, v in id2label.items()})
+
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """Class index -> name (None for an unconditional model or plain-int labels)."""
+        return normalize_id2label(self.config.get("id2label"))
 
     # ---- shared pieces -----------------------------------------------------------------------------------------------
 
     def _predict(self, sample: torch.Tensor, timestep: Any, model_kwargs: dict[str, Any],
-                 channels: int | None = None) -> torch.Tensor:
-        """The one place the pipeline calls the network (classifier-free guidance will combine calls here):
-        ``unet(sample, timestep, **model_kwargs)``, keeping the first ``channels`` output channels if given (drops
-        a learned variance)."""
-        output = self.unet(sample, timestep, **model_kwargs, return_dict=False)[0]
+                 channels: int | None = None, guidance: Guidance | None = None) -> torch.Tensor:
+        """The one place the pipeline calls the network: ``unet(sample, timestep, **model_kwargs)``, or with
+        ``guidance`` one call on the conditional and null-class halves, combined (``Guidance.combine``); keeps the
+        first ``channels`` output channels if given (drops a learned variance)."""
+        if guidance is None:
+            output = self.unet(sample, timestep, **model_kwargs, return_dict=False)[0]
+        else:
+            both, timesteps, kwargs = guidance.batched_inputs(sample, timestep, model_kwargs)
+            output = self.unet(both, timesteps, **kwargs, return_dict=False)[0]
+            output = guidance.combine(output, sample, timestep)
         return output if channels is None else output[:, :channels]
+
+    def _conditioning(self, class_labels: ClassLabels, batch: int, model_kwargs: dict[str, Any] | None,
+                      guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                      scheduler: SchedulerMixin | None = None) -> tuple[dict[str, Any], Guidance | None]:
+        """Checked ``model_kwargs`` with the labels of a single pass, and the guidance of a batched one."""
+        scheduler = scheduler or self.scheduler
+        cond = ClassConditioning.of(self.unet.config, self.id2label)
+        alphas = self._alphas_cumprod(scheduler) if guidance_scale != 1 else None
+        return plan_conditioning(cond, class_labels, batch, check_model_kwargs(model_kwargs), guidance_scale,
+                                 guidance_rescale, prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+                                 alphas_cumprod=alphas, device=self._execution_device)
+
+    def _step_channels(self, scheduler: SchedulerMixin) -> int | None:
+        """Output channels the scheduler's step takes: all (None) where it reads a learned variance, else C."""
+        return None if reads_model_variance(scheduler) else self.unet.config.in_channels
 
     def _image_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size
@@ -104,7 +140,8 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
 
     def _denoise(self, contract: SchedulerContract, sample: torch.Tensor, timesteps: torch.Tensor,
                  step_kwargs: dict[str, Any], model_kwargs: dict[str, Any], callback: Callable | None = None,
-                 tensor_inputs: tuple[str, ...] = (), channels: int | None = None) -> torch.Tensor:
+                 tensor_inputs: tuple[str, ...] = (), channels: int | None = None,
+                 guidance: Guidance | None = None) -> torch.Tensor:
         """The sampling loop: one network call and one scheduler step per timestep, no other per-step work.
 
         ``contract.scale_model_input`` is the identity for DDPM/DDIM (Euler/Heun scale by their sigma).
@@ -113,7 +150,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         with torch.inference_mode():
             for i, t in enumerate(self.progress_bar(timesteps)):
                 model_input = contract.scale_model_input(sample, t)
-                model_output = self._predict(model_input, model_timesteps[i], model_kwargs, channels)
+                model_output = self._predict(model_input, model_timesteps[i], model_kwargs, channels, guidance)
                 sample = contract.step(model_output, t, sample, **step_kwargs, return_dict=False)[0]
                 if callback is not None:
                     callback_kwargs = {"latents": sample} if "latents" in tensor_inputs else {}
@@ -163,8 +200,11 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         model_kwargs: dict[str, Any] | None = None,
+        class_labels: ClassLabels = None,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
     ) -> ImagePipelineOutput | tuple:
-        r"""Generate images.
+        r"""Generate images, class-conditional with classifier-free guidance where the unet takes labels.
 
         Args:
             batch_size: number of images.
@@ -180,15 +220,23 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             callback_on_step_end: ``fn(pipeline, step_index, timestep, callback_kwargs) -> dict`` run after
                 each step; a returned ``"latents"`` replaces the current sample.
             callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (only ``"latents"``).
-            model_kwargs: extra keyword arguments for every network call (e.g. ``{"class_labels": labels}``).
+            model_kwargs: extra keyword arguments for every network call.
+            class_labels: the classes to draw: an int or a name from ``id2label`` (one for all), a list of them or
+                an integer tensor (one per image). None on a guidance-trained unet samples unconditionally (the
+                null class); a conditional unet without a null class requires labels.
+            guidance_scale: w in eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022 eq. 6); 1 is the
+                conditional model (one network pass), anything else needs a null class (two halves, one batched
+                pass per step).
+            guidance_rescale: phi of Lin et al. 2023 sec. 3.4, in [0, 1].
 
         Returns:
             ``ImagePipelineOutput`` with ``images``, or ``(images,)``.
         """
         self._check_output_type(output_type)
         tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        model_kwargs = check_model_kwargs(model_kwargs)
         shape = self._sample_shape(batch_size)
+        model_kwargs, guidance = self._conditioning(class_labels, batch_size, model_kwargs, guidance_scale,
+                                                    guidance_rescale)
         check_generator(generator, batch_size)
         contract = contract_for(self.scheduler)
         step_kwargs = contract.step_kwargs(eta=eta, use_clipped_model_output=use_clipped_model_output,
@@ -201,14 +249,15 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         ts = contract.set_inference_timesteps(num_inference_steps, timesteps)
         latents = latents * contract.init_noise_sigma  # 1 for DDPM/DDIM (Euler/Heun start at sigma_max)
         sample = self._denoise(contract, latents, ts, step_kwargs, model_kwargs, callback_on_step_end,
-                               tensor_inputs)
+                               tensor_inputs, self._step_channels(self.scheduler), guidance)
         return self._output(sample, output_type, return_dict)
 
     # ---- DDIM inversion and interpolation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def invert(self, images: ImageInput, num_inference_steps: int = 50,
-               model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    def invert(self, images: ImageInput, num_inference_steps: int = 50, model_kwargs: dict[str, Any] | None = None,
+               class_labels: ClassLabels = None, guidance_scale: float = 1.0,
+               guidance_rescale: float = 0.0) -> torch.Tensor:
         """Deterministic DDIM inversion x_0 -> x_T (DDIM sec. 4.3 / eq. 13; diffusers issues 4120, 5703).
 
         ``decode(invert(images, n), n)`` reconstructs the images, better as n grows.
@@ -216,48 +265,54 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         Args:
             images: images in [0, 1] (PIL, numpy NHWC or torch NCHW, as the pipeline outputs them).
             num_inference_steps: number of DDIM steps.
-            model_kwargs: as in ``__call__``.
+            model_kwargs, class_labels, guidance_scale, guidance_rescale: as in ``__call__`` (decode with the same
+                ones to reconstruct).
 
         Returns:
             Latents ``(N, C, H, W)`` in the unet's dtype on the execution device.
         """
-        model_kwargs = check_model_kwargs(model_kwargs)
         x0 = self._to_model(self._images(images, "images"))
         ddim = deterministic_ddim(self.scheduler)
+        model_kwargs, guidance = self._conditioning(class_labels, len(x0), model_kwargs, guidance_scale,
+                                                    guidance_rescale, ddim)
         contract_for(ddim).set_inference_timesteps(num_inference_steps)
         channels = x0.shape[1]
         with torch.inference_mode():
-            latents = ddim_invert(lambda x, t: self._predict(x, t, model_kwargs, channels), ddim, x0,
+            latents = ddim_invert(lambda x, t: self._predict(x, t, model_kwargs, channels, guidance), ddim, x0,
                                   self.progress_bar)
         return latents.clone()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, num_inference_steps: int = 50, output_type: str = "pil",
-               return_dict: bool = True, model_kwargs: dict[str, Any] | None = None) -> ImagePipelineOutput | tuple:
+               return_dict: bool = True, model_kwargs: dict[str, Any] | None = None, class_labels: ClassLabels = None,
+               guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> ImagePipelineOutput | tuple:
         """Decode latents x_T with deterministic DDIM (eta = 0, no clipping): the inverse of ``invert``.
 
         Args:
             latents: ``(N, C, H, W)`` latents.
             num_inference_steps: number of DDIM steps (use the count given to ``invert``).
-            output_type, return_dict, model_kwargs: as in ``__call__``.
+            output_type, return_dict, model_kwargs, class_labels, guidance_scale, guidance_rescale: as in
+                ``__call__``.
         """
         self._check_output_type(output_type)
-        model_kwargs = check_model_kwargs(model_kwargs)
         if not torch.is_tensor(latents) or latents.ndim != 4:
             raise ValueError("latents must be a 4-d (N, C, H, W) torch.Tensor")
         check_latents(latents, self._sample_shape(latents.shape[0]))
         ddim = deterministic_ddim(self.scheduler)
+        model_kwargs, guidance = self._conditioning(class_labels, len(latents), model_kwargs, guidance_scale,
+                                                    guidance_rescale, ddim)
         contract = contract_for(ddim)
         ts = contract.set_inference_timesteps(num_inference_steps)
         latents = latents.to(self._execution_device, self.unet.dtype)
         sample = self._denoise(contract, latents, ts, contract.step_kwargs(eta=0.0), model_kwargs,
-                               channels=latents.shape[1])
+                               channels=latents.shape[1], guidance=guidance)
         return self._output(sample, output_type, return_dict)
 
     @torch.no_grad()
     def interpolate(self, a: ImageInput, b: ImageInput, num_points: int = 5, num_inference_steps: int = 50,
                     input_type: str = "latents", output_type: str = "pil", return_dict: bool = True,
-                    model_kwargs: dict[str, Any] | None = None) -> ImagePipelineOutput | tuple:
+                    model_kwargs: dict[str, Any] | None = None, class_labels: ClassLabels = None,
+                    guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> ImagePipelineOutput | tuple:
         """Slerp between two x_T latents and decode each point with DDIM (DDIM App. D.5).
 
         Args:
@@ -267,12 +322,17 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             num_inference_steps: DDIM steps for inversion and decoding.
             input_type: ``"latents"`` or ``"images"``.
             output_type, return_dict: as in ``__call__``.
-            model_kwargs: as in ``__call__``, for the inversions and for decoding all ``num_points`` latents.
+            model_kwargs, guidance_scale, guidance_rescale: as in ``__call__``, for the inversions and the decoding.
+            class_labels: one label for all points, or one per point (a is inverted with the first, b with the last).
         """
         if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
             raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
+        guide = (guidance_scale, guidance_rescale)
+        self._conditioning(class_labels, num_points, model_kwargs, *guide)  # refuse bad labels before any work
         if input_type == "images":
-            ends = [self.invert(x, num_inference_steps, model_kwargs) for x in (a, b)]
+            per_point = isinstance(class_labels, (list, tuple)) or (torch.is_tensor(class_labels) and class_labels.ndim)
+            ends_labels = (class_labels[:1], class_labels[-1:]) if per_point else (class_labels, class_labels)
+            ends = [self.invert(x, num_inference_steps, model_kwargs, y, *guide) for x, y in zip((a, b), ends_labels)]
             if any(x.shape[0] != 1 for x in ends):
                 raise ValueError("interpolate takes one image for a and one for b")
         elif input_type == "latents":
@@ -284,14 +344,15 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         weights = torch.linspace(0, 1, num_points, dtype=torch.float64)
         a_lat, b_lat = (x[0].to(self._execution_device) for x in ends)
         latents = slerp(a_lat, b_lat, weights)
-        return self.decode(latents, num_inference_steps, output_type, return_dict, model_kwargs)
+        return self.decode(latents, num_inference_steps, output_type, return_dict, model_kwargs, class_labels, *guide)
 
     # ---- SDEdit and RePaint ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def img2img(self, image: ImageInput, strength: float = 0.8, num_inference_steps: int | None = None,
                 generator: Generator = None, eta: float = 0.0, output_type: str = "pil", return_dict: bool = True,
-                model_kwargs: dict[str, Any] | None = None) -> ImagePipelineOutput | tuple:
+                model_kwargs: dict[str, Any] | None = None, class_labels: ClassLabels = None,
+                guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> ImagePipelineOutput | tuple:
         """SDEdit (Meng et al. 2022): noise the images to t ~ strength * T with q(x_t | x_0), then denoise.
 
         Args:
@@ -299,38 +360,44 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             strength: in (0, 1]; the fraction of the sampling schedule that is run (1 starts from almost pure noise).
             num_inference_steps: steps of the full schedule (defaults as in ``__call__``); about
                 ``strength * num_inference_steps`` of them run.
-            generator, eta, output_type, return_dict, model_kwargs: as in ``__call__``.
+            generator, eta, output_type, return_dict, model_kwargs, class_labels, guidance_scale, guidance_rescale:
+                as in ``__call__`` (SDEdit towards a class: ``class_labels`` of the wanted class).
         """
         self._check_output_type(output_type)
-        model_kwargs = check_model_kwargs(model_kwargs)
         x0 = self._to_model(self._images(image, "image"))
+        model_kwargs, guidance = self._conditioning(class_labels, len(x0), model_kwargs, guidance_scale,
+                                                    guidance_rescale)
         check_generator(generator, x0.shape[0])
         contract = contract_for(self.scheduler)
         step_kwargs = contract.step_kwargs(eta=eta, generator=generator)
         ts = sdedit_timesteps(contract.set_inference_timesteps(num_inference_steps), strength)
         noise = self._noise(tuple(x0.shape), generator)
         sample = self.scheduler.add_noise(x0, noise, ts[:1].repeat(x0.shape[0]).to(x0.device))
-        sample = self._denoise(contract, sample, ts, step_kwargs, model_kwargs)
+        sample = self._denoise(contract, sample, ts, step_kwargs, model_kwargs,
+                               channels=self._step_channels(self.scheduler), guidance=guidance)
         return self._output(sample, output_type, return_dict)
 
     @staticmethod
-    def _alpha_table(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
-        """float64 bar(alpha) at each visited timestep, then at the clean end (the scheduler's final value).
-
-        ddpm_hf's schedulers keep the float64 table as ``noise_schedule`` (their public ``alphas_cumprod`` is
-        float32, as in diffusers); diffusers' schedulers have only their float32 table.
-        """
+    def _alphas_cumprod(scheduler: SchedulerMixin) -> torch.Tensor:
+        """The float64 bar(alpha) table on the CPU: ddpm_hf's schedulers keep it as ``noise_schedule`` (their public
+        ``alphas_cumprod`` is float32, as in diffusers); diffusers' schedulers have only their float32 table."""
         schedule = getattr(scheduler, "noise_schedule", None)
         table = schedule.alphas_cumprod if schedule is not None else scheduler.alphas_cumprod
-        alphas = table.double().cpu()[timesteps.long().cpu()]
+        return table.double().cpu()
+
+    @staticmethod
+    def _alpha_table(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
+        """float64 bar(alpha) at each visited timestep, then at the clean end (the scheduler's final value)."""
+        alphas = DDPMPipeline._alphas_cumprod(scheduler)[timesteps.long().cpu()]
         final = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", 1.0), dtype=torch.float64).reshape(1)
         return torch.cat([alphas, final.cpu()])
 
     @torch.no_grad()
     def inpaint(self, image: ImageInput, mask: ImageInput, num_inference_steps: int | None = None,
                 jump_length: int = 10, jump_n_sample: int = 10, generator: Generator = None, eta: float = 0.0,
-                output_type: str = "pil", return_dict: bool = True,
-                model_kwargs: dict[str, Any] | None = None) -> ImagePipelineOutput | tuple:
+                output_type: str = "pil", return_dict: bool = True, model_kwargs: dict[str, Any] | None = None,
+                class_labels: ClassLabels = None, guidance_scale: float = 1.0,
+                guidance_rescale: float = 0.0) -> ImagePipelineOutput | tuple:
         """RePaint inpainting (Lugmayr et al. 2022, Algorithm 1) with resampling jumps; known pixels are kept.
 
         Each reverse step merges the model's sample (unknown pixels) with q(x_t | x_0) of the image (known
@@ -346,12 +413,14 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             num_inference_steps: steps of the sampling schedule (default ``min(250, num_train_timesteps)`` as in
                 the paper).
             jump_length, jump_n_sample: the resampling schedule (paper: 10 and 10).
-            generator, eta, output_type, return_dict, model_kwargs: as in ``__call__``.
+            generator, eta, output_type, return_dict, model_kwargs, class_labels, guidance_scale, guidance_rescale:
+                as in ``__call__``.
         """
         self._check_output_type(output_type)
-        model_kwargs = check_model_kwargs(model_kwargs)
         known01 = self._images(image, "image")
         x0 = self._to_model(known01)
+        model_kwargs, guidance = self._conditioning(class_labels, len(x0), model_kwargs, guidance_scale,
+                                                    guidance_rescale)
         mask = mask_to_tensor(mask, x0.shape[0], self._image_size()).to(x0.device, x0.dtype)
         check_generator(generator, x0.shape[0])
         contract = contract_for(self.scheduler)
@@ -360,14 +429,15 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             num_inference_steps = min(REPAINT_DEFAULT_STEPS, self.scheduler.config.num_train_timesteps)
         ts = contract.set_inference_timesteps(num_inference_steps)
         moves = repaint_moves(len(ts), jump_length, jump_n_sample)
-        sample = self._repaint(contract, x0, mask, ts, moves, step_kwargs, model_kwargs, generator)
+        sample = self._repaint(contract, x0, mask, ts, moves, step_kwargs, model_kwargs, generator, guidance)
         return self._output(sample, output_type, return_dict, known=(known01, mask))
 
     def _repaint(self, contract: SchedulerContract, x0: torch.Tensor, mask: torch.Tensor, ts: torch.Tensor,
                  moves: list[tuple[int, int]], step_kwargs: dict[str, Any], model_kwargs: dict[str, Any],
-                 generator: Generator) -> torch.Tensor:
+                 generator: Generator, guidance: Guidance | None) -> torch.Tensor:
         """Walk the RePaint moves over table positions (0 noisiest, ``len(ts)`` clean); one noise draw per move."""
         alphas = self._alpha_table(self.scheduler, ts)
+        channels = self._step_channels(self.scheduler)
         sample = self._noise(tuple(x0.shape), generator)
         with torch.inference_mode():
             for p, q in self.progress_bar(moves):
@@ -375,7 +445,8 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
                 if q < p:  # one step back up: q(x_{t_q} | x_{t_p}) on the merged sample (Algorithm 1, line 9)
                     sample = renoise(sample, noise, alphas[q], alphas[p])
                     continue
-                output = self._predict(contract.scale_model_input(sample, ts[p]), ts[p].to(x0.device), model_kwargs)
+                output = self._predict(contract.scale_model_input(sample, ts[p]), ts[p].to(x0.device), model_kwargs,
+                                       channels, guidance)
                 sample = contract.step(output, ts[p], sample, **step_kwargs, return_dict=False)[0]
                 sample = mask * q_sample(x0, noise, alphas[q]) + (1 - mask) * sample  # eq. 8 / lines 5-7
         return sample.clone()
@@ -384,8 +455,10 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
 
     @torch.no_grad()
     def log_likelihood(self, images: ImageInput, generator: Generator = None, clip_denoised: bool = False,
-                       model_kwargs: dict[str, Any] | None = None) -> LikelihoodOutput:
-        """The DDPM variational bound per image (eq. 5, sec. 3.3) in bits per dimension and as log p lower bound.
+                       model_kwargs: dict[str, Any] | None = None, class_labels: ClassLabels = None) -> LikelihoodOutput:
+        """The DDPM variational bound per image (eq. 5, sec. 3.3) in bits per dimension and as log p lower bound;
+        with ``class_labels`` the conditional bound on log p(x | y) (the null class, i.e. log p(x), on a
+        guidance-trained unet without them). No guidance: the guided eps is not the score of a model density.
 
         Images are quantised to 8 bits first (the discretised decoder is defined on that grid). Costs
         ``num_train_timesteps`` network calls on the whole batch.
@@ -394,13 +467,13 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             images: images in [0, 1] (PIL, numpy NHWC or torch NCHW).
             generator: for the noise of each x_t (one draw per timestep); a list gives one per image.
             clip_denoised: clip the predicted x_0 to [-1, 1] in the model mean.
-            model_kwargs: as in ``__call__``.
+            model_kwargs, class_labels: as in ``__call__``.
 
         Returns:
             A ``LikelihoodOutput`` (``bits_per_dim``, ``log_likelihood``, ``prior_bpd``, ``terms_bpd``).
         """
-        model_kwargs = check_model_kwargs(model_kwargs)
         images01 = self._images(images, "images")
+        model_kwargs, _ = self._conditioning(class_labels, len(images01), model_kwargs)
         check_generator(generator, images01.shape[0])
         x0 = self._to_model(torch.round(images01.double() * 255) / 255)  # the exact 8-bit grid, in float64
 

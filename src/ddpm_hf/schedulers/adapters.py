@@ -119,8 +119,11 @@ def _pipeline_loop_reasons(cls: type, config_json: str) -> tuple[str, ...]:
     reasons = []
     if "generator" not in inspect.signature(cls.step).parameters:
         reasons.append(f"{name}.step takes no generator, which stock DDPMPipeline passes to it (TypeError)")
-    copy = cls.from_config(json.loads(config_json))
-    copy.set_timesteps(min(10, copy.config.get("num_train_timesteps", 1000)))
+    try:  # a config diffusers' class refuses (DDIM with quad spacing) is a reason, not a crash of the caller
+        copy = cls.from_config(json.loads(config_json))
+        copy.set_timesteps(min(10, copy.config.get("num_train_timesteps", 1000)))
+    except (ValueError, NotImplementedError) as error:
+        return (*reasons, f"{name} cannot sample this config in stock diffusers ({type(error).__name__}: {error})")
     sigma = float(copy.init_noise_sigma)
     if sigma != 1.0:
         reasons.append(f"{name}.init_noise_sigma is {sigma:.4g}; stock DDPMPipeline does not scale the initial noise")

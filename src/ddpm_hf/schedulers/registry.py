@@ -35,6 +35,11 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "DDIMScheduler": DDIMScheduler,
 }
 
+# Variance types whose network predicts a variance in its second ``in_channels`` output channels (Nichol & Dhariwal
+# 2021, sec. 3.1); only DDPM's ancestral step reads it.
+LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
 def contract_for(scheduler: SchedulerMixin) -> SchedulerContract:
     """The contract of ``scheduler``: the scheduler itself if it implements it, else a new adapter over it.
 
@@ -95,3 +100,20 @@ def deterministic_ddim(scheduler: SchedulerMixin) -> DDIMScheduler:
     accepted = inspect.signature(DDIMScheduler.__init__).parameters
     config = {k: v for k, v in scheduler.config.items() if k in accepted}
     return DDIMScheduler.from_config({**config, "clip_sample": False, "thresholding": False})
+
+
+def reads_model_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether the scheduler's ``step`` takes the network's learned variance channels (``out_channels = 2C``).
+
+    DDPM's ancestral step (ddpm_hf's and diffusers') splits a 2C output when ``variance_type`` is ``learned`` or
+    ``learned_range``; DDIM and the ODE solvers use only the mean (eps/x0/v) channels, and a DDIM built from a
+    learned-variance DDPM config keeps the key without reading it, so the pipeline must drop those channels.
+
+    Args:
+        scheduler: a ddpm_hf or diffusers scheduler.
+
+    Returns:
+        True iff the step wants all 2C channels.
+    """
+    return (contract_for(scheduler).stock_class_name == "DDPMScheduler"
+            and scheduler.config.get("variance_type") in LEARNED_VARIANCE_TYPES)
