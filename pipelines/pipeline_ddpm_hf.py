@@ -8,7 +8,9 @@ its scheduler from this file (a copy sits in ``scheduler/``), so diffusers build
 this class swaps diffusers' UNet2DModel (and a DDPMScheduler/DDIMScheduler of diffusers, e.g. with
 ``custom_pipeline=`` on a stock checkpoint) for ddpm_hf's classes, whose configs and weights are interchangeable,
 so scheduler options that stock diffusers lacks or gets wrong (quad spacing, its prev-timestep and variance bugs,
-DDIM with the sigmoid schedule) sample correctly.
+DDIM with the sigmoid schedule) sample correctly. A class-conditional checkpoint is always saved this way (stock
+``DDPMPipeline`` cannot pass class labels); ``id2label`` comes from model_index.json, so
+``pipe(batch_size=8, class_labels="7", guidance_scale=2.0)`` works.
 """
 
 from diffusers import ModelMixin, SchedulerMixin
@@ -26,5 +28,5 @@ def __getattr__(name: str) -> type:
 
 
 class DDPMHFPipeline(ddpm_hf.pipeline.DDPMPipeline):
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin):
-        super().__init__(*ddpm_hf.sharing.to_ddpm_hf_components(unet, scheduler))
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, id2label: dict | None = None):
+        super().__init__(*ddpm_hf.sharing.to_ddpm_hf_components(unet, scheduler), id2label=id2label)

@@ -5,7 +5,8 @@
   and stock diffusers loads the folder without ddpm_hf. Where stock diffusers would sample the saved scheduler
   differently (``stock_divergences``), the folder instead names the remote-code pipeline
   ``pipeline_ddpm_hf.DDPMHFPipeline`` and carries that file, so stock diffusers refuses it unless
-  ``trust_remote_code=True``; its scheduler entry then names the same file (``_remote_index``).
+  ``trust_remote_code=True``; its scheduler entry then names the same file (``_remote_index``). A class-conditional
+  unet is always saved so (``remote_code_reasons``): stock ``DDPMPipeline`` cannot pass class labels.
 - **Loading.** ``DDPMPipeline.from_pretrained`` is diffusers' own ``DiffusionPipeline.from_pretrained`` (every
   loader feature: ``torch_dtype``, ``device_map``, ``variant``, ``revision``, ...) reading the folder's index
   with ddpm_hf's classes in place of diffusers' (``_loader_index``): a folder that names the remote-code
@@ -54,6 +55,20 @@ def stock_divergences(scheduler: SchedulerMixin) -> list[str]:
     diffusers does with the config.
     """
     return contract_for(scheduler).stock_divergences()
+
+
+def remote_code_reasons(unet: ModelMixin | None, scheduler: SchedulerMixin) -> list[str]:
+    """Why a folder must name the remote-code pipeline (empty: stock ``DDPMPipeline`` samples it as we do).
+
+    Stock diffusers' ``DDPMPipeline`` calls ``unet(image, t)`` with no class labels, so a class-conditional unet
+    (``num_class_embeds`` set) is never left to it, whatever its scheduler.
+    """
+    reasons = list(stock_divergences(scheduler))
+    num_class_embeds = getattr(getattr(unet, "config", None), "get", lambda key: None)("num_class_embeds")
+    if num_class_embeds is not None:
+        reasons.append(f"the unet is class-conditional (num_class_embeds={num_class_embeds}) and stock "
+                       "DDPMPipeline cannot pass class_labels")
+    return reasons
 
 
 def to_ddpm_hf_unet(unet: ModelMixin) -> ModelMixin:
@@ -151,14 +166,15 @@ class SharingMixin:
     def to_json_string(self) -> str:
         """model_index.json: stock ``DDPMPipeline``, or the remote-code file where stock would sample wrongly."""
         index = json.loads(super().to_json_string())
-        index = _remote_index(index) if stock_divergences(self.scheduler) else {**index, "_class_name": "DDPMPipeline"}
+        remote = remote_code_reasons(getattr(self, "unet", None), self.scheduler)
+        index = _remote_index(index) if remote else {**index, "_class_name": "DDPMPipeline"}
         return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
         """Write model_index.json and, when it names them, the remote-code pipeline file beside it and in
         ``scheduler/``."""
         hub_files = [os.path.join(save_directory, *sub, f"{HUB_PIPELINE_MODULE}.py") for sub in ((), ("scheduler",))]
-        reasons = stock_divergences(self.scheduler)
+        reasons = remote_code_reasons(getattr(self, "unet", None), self.scheduler)
         for hub_file in hub_files:
             if reasons:
                 os.makedirs(os.path.dirname(hub_file), exist_ok=True)
@@ -167,8 +183,8 @@ class SharingMixin:
             elif os.path.isfile(hub_file):
                 os.remove(hub_file)
         if reasons:
-            _logger.warning("Stock diffusers would sample this scheduler differently (%s); the saved pipeline needs "
-                            "trust_remote_code=True and ddpm_hf to load.", "; ".join(reasons))
+            _logger.warning("Stock diffusers' DDPMPipeline would not sample this pipeline as ddpm_hf does (%s); the "
+                            "saved pipeline needs trust_remote_code=True and ddpm_hf to load.", "; ".join(reasons))
         super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
