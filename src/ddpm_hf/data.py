@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .class_labels import LabelledDataset, check_class_labels, read_label_column
+
 logger = logging.getLogger(__name__)
 
 DIGITS_NAME = "sklearn-digits"  # how model cards and logs name the built-in data
@@ -182,6 +184,11 @@ class DataConfig:
     center_crop: bool = field(default=False, metadata={"help": "Centre crop (default: random crop)."})
     random_flip: bool = field(default=False, metadata={"help": "Random horizontal flips."})
     num_channels: int | None = field(default=None, metadata={"help": "1 or 3; default: from the data."})
+    class_conditional: bool = field(default=False, metadata={"help": "Train on the data's class labels (the "
+                                    "built-in digits' 10, --label_column of a dataset, an image folder's "
+                                    "sub-folders), with a learned null class for classifier-free guidance."})
+    label_column: str = field(default="label", metadata={"help": "The dataset column holding the class labels "
+                              "(a ClassLabel feature, whose names become the class names, or integers 0..K-1)."})
 
 
 @dataclass(frozen=True)
@@ -323,7 +330,8 @@ def _open_image(record: Any) -> Image.Image:
 
 def find_labels(dataset: Any, image_column: str) -> tuple[str | None, list[int] | None, tuple[str, ...] | None]:
     """The first class-label column of a `datasets.Dataset` (a ``ClassLabel`` feature, e.g. imagefolder's
-    ``label``): ``(column, labels, class_names)``, or three Nones."""
+    ``label``): ``(column, labels, class_names)``, or three Nones. What unconditional training records (and
+    reports as ignored)."""
     import datasets
 
     for name, feature in dataset.features.items():
@@ -347,11 +355,13 @@ class HFImageDataset(EpochDataset):
         source: where the images come from (a flag and its value), for error messages.
         name: the source as the user named it, for ``info``.
         is_local: whether ``name`` is a local path.
+        label_column: the column whose labels class-conditional training needs (missing or bad labels are an
+            error); None records the first ``ClassLabel`` column, if any, without using it.
     """
 
     def __init__(self, dataset: Any, image_column: str, transform: ImageTransform,
                  num_channels: int | None = None, seed: int = 0, source: str = "the dataset",
-                 name: str = "dataset", is_local: bool = True):
+                 name: str = "dataset", is_local: bool = True, label_column: str | None = None):
         super().__init__(seed)
         if image_column not in dataset.column_names:
             raise ValueError(
@@ -363,14 +373,18 @@ class HFImageDataset(EpochDataset):
             dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self.records = dataset[image_column]
         self.transform = transform
+        if label_column is not None:
+            labels, class_names = read_label_column(dataset, label_column, source)
+        else:
+            label_column, labels, class_names = find_labels(dataset, image_column)
         self.valid, any_colour = self._scan(source, image_column)
-        label_column, labels, class_names = find_labels(dataset, image_column)
+        if labels is not None:
+            labels = torch.tensor([labels[i] for i in self.valid], dtype=torch.long)
         self.info = DatasetInfo(
             name=name, is_local=is_local, split=f"the 'train' split of {source}", num_images=len(self.valid),
             num_channels=num_channels if num_channels is not None else (3 if any_colour else 1),
             resolution=transform.resolution, num_skipped=len(self.records) - len(self.valid),
-            labels=None if labels is None else torch.tensor([labels[i] for i in self.valid], dtype=torch.long),
-            label_column=label_column, class_names=class_names)
+            labels=labels, label_column=label_column, class_names=class_names)
 
     def _scan(self, source: str, image_column: str) -> tuple[list[int], bool]:
         """Decode every record once: the readable indices, and whether any of them is in colour."""
@@ -450,20 +464,30 @@ def build_train_dataset(config: DataConfig, seed: int = 0) -> TrainDataset:
         seed: base seed of the random crops and flips.
 
     Returns:
-        A `TrainDataset` whose items are ``(C, resolution, resolution)`` float tensors in [-1, 1].
+        A `TrainDataset` whose items are ``(C, resolution, resolution)`` float tensors in [-1, 1]; with
+        ``class_conditional``, a `LabelledDataset` of (image, label) `LabelledSample` items.
+
+    Raises:
+        ValueError: a bad source, or (class-conditional) labels that are missing or invalid, naming the column.
     """
     if config.dataset_name is None and config.train_data_dir is None:
         if config.num_channels not in (None, 1):
             raise ValueError(f"the built-in digits have 1 channel; --num_channels {config.num_channels} is not "
                              "possible")
-        return DigitsDataset(config.resolution, random_flip=config.random_flip, seed=seed)
-    if config.dataset_name is not None and config.train_data_dir is not None:
-        raise ValueError("give --dataset_name or --train_data_dir, not both")
-    hf_dataset = load_hf_dataset(config)
-    transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
-    name = config.train_data_dir if config.train_data_dir is not None else config.dataset_name
-    return HFImageDataset(hf_dataset, config.image_column, transform, num_channels=config.num_channels, seed=seed,
-                          source=_source(config), name=name, is_local=os.path.exists(name))
+        dataset = DigitsDataset(config.resolution, random_flip=config.random_flip, seed=seed)
+    else:
+        if config.dataset_name is not None and config.train_data_dir is not None:
+            raise ValueError("give --dataset_name or --train_data_dir, not both")
+        hf_dataset = load_hf_dataset(config)
+        transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
+        name = config.train_data_dir if config.train_data_dir is not None else config.dataset_name
+        dataset = HFImageDataset(hf_dataset, config.image_column, transform, num_channels=config.num_channels,
+                                 seed=seed, source=_source(config), name=name, is_local=os.path.exists(name),
+                                 label_column=config.label_column if config.class_conditional else None)
+    if not config.class_conditional:
+        return dataset
+    check_class_labels(dataset.info.labels, dataset.info.class_names, dataset.info.label_column)
+    return LabelledDataset(dataset)
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

@@ -35,7 +35,10 @@ from .shipped_files import shipped_file
 from .validation import check_bool, check_choice, check_int, is_finite_real, is_int
 
 TEMPLATE_PATH = shipped_file("model_card.md", "model_card.md")
-TAGS = ("ddpm", "diffusers", "diffusers-ddpm", "ddpm_hf", "unconditional-image-generation")
+UNCONDITIONAL_TAG = "unconditional-image-generation"  # also the pipeline tag of an unconditional model
+TAGS = ("ddpm", "diffusers", "diffusers-ddpm", "ddpm_hf", UNCONDITIONAL_TAG)
+CONDITIONAL_TAGS = TAGS[:-1] + ("class-conditional", "classifier-free-guidance")
+SNIPPET_BATCH = 16  # images the usage snippets draw
 SAMPLERS = ("DDPM", "DDIM")
 WEIGHTS = ("EMA", "raw")
 STOCK_PIPELINE = "DDPMPipeline"
@@ -70,15 +73,18 @@ class SamplingFacts:
         num_inference_steps: sampling steps (at most the saved scheduler's ``num_train_timesteps``).
         weights: ``"EMA"`` or ``"raw"`` (the network weights the samples came from).
         seed: the ``torch.Generator`` seed.
+        guidance_scale: the classifier-free guidance scale w of a class-conditional model, None otherwise.
     """
 
     sampler: str
     num_inference_steps: int
     weights: str
     seed: int
+    guidance_scale: float | None = None
 
     def describe(self) -> str:
-        return f"{self.sampler}, {self.num_inference_steps} steps, {self.weights} weights, seed {self.seed}"
+        guided = "" if self.guidance_scale is None else f", guidance scale w = {self.guidance_scale:g}"
+        return f"{self.sampler}, {self.num_inference_steps} steps, {self.weights} weights, seed {self.seed}{guided}"
 
     def check(self, name: str, num_train_timesteps: int) -> None:
         check_choice(f"{name}.sampler", self.sampler, SAMPLERS)
@@ -88,6 +94,8 @@ class SamplingFacts:
             raise ValueError(f"{name}.num_inference_steps must be an int in [1, {num_train_timesteps}] (the saved "
                              f"scheduler's num_train_timesteps), got {steps!r}")
         check_int(f"{name}.seed", self.seed, 0)
+        if self.guidance_scale is not None and not (is_finite_real(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"{name}.guidance_scale must be a finite number >= 0 or None, got {self.guidance_scale!r}")
 
 
 @dataclass(kw_only=True)
@@ -136,6 +144,8 @@ class RunFacts:
         metrics: training statistics (evaluation results in it are not shown: the card takes them from
             ``evaluation``, and refuses them when that is None).
         evaluation: the evaluation, or None when none was run.
+        class_names: a class-conditional model's class names (id k = ``class_names[k]``); None: unconditional.
+            The saved network must embed them plus the null class (``num_class_embeds = K + 1``).
     """
 
     training_args: dict[str, Any]
@@ -149,6 +159,7 @@ class RunFacts:
     grid: GridFacts | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     evaluation: EvalFacts | None = None
+    class_names: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,7 @@ class SavedFolder:
     num_train_timesteps: int
     sample_size: int
     in_channels: int
+    num_class_embeds: int | None
 
 
 class _AsciiCardData(ModelCardData):
@@ -275,6 +287,7 @@ def read_saved_folder(output_dir: str | os.PathLike) -> SavedFolder:
         num_train_timesteps=int(scheduler_config.get("num_train_timesteps", 1000)),
         sample_size=int(size[0] if isinstance(size, (list, tuple)) else size),
         in_channels=int(unet.get("in_channels", 3)),
+        num_class_embeds=unet.get("num_class_embeds"),
     )
 
 
@@ -329,6 +342,25 @@ def _check_run(run: RunFacts, folder: SavedFolder, out: Path) -> None:
                          "an EvalFacts saying what they were measured against")
     if run.evaluation is not None:
         _check_evaluation(run.evaluation, folder)
+    _check_classes(run, folder)
+
+
+def _check_classes(run: RunFacts, folder: SavedFolder) -> None:
+    """Class names only for a network that embeds them plus the null class; a grid then states its guidance."""
+    names = run.class_names
+    if names is None:
+        if folder.num_class_embeds is not None:
+            raise ValueError(f"the saved unet is class-conditional (num_class_embeds={folder.num_class_embeds}) but "
+                             "RunFacts.class_names is None")
+        return
+    if not (isinstance(names, tuple) and len(names) >= 2 and all(isinstance(n, str) and n.strip() for n in names)
+            and len(set(names)) == len(names)):
+        raise ValueError(f"RunFacts.class_names must be a tuple of at least 2 distinct non-empty strings, got {names!r}")
+    if folder.num_class_embeds != len(names) + 1:
+        raise ValueError(f"RunFacts.class_names has {len(names)} classes, so the saved unet needs num_class_embeds="
+                         f"{len(names) + 1} (with the null class), but it has {folder.num_class_embeds}")
+    if run.grid is not None and run.grid.guidance_scale is None:
+        raise ValueError("RunFacts.grid.guidance_scale must say the guidance scale a class-conditional grid used")
 
 
 def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
@@ -435,6 +467,7 @@ def _usage_vars(run: RunFacts, folder: SavedFolder, out: Path) -> dict[str, Any]
     grid = run.grid
     saved_sampler = folder.scheduler_name.removesuffix("Scheduler")
     return {
+        **_class_vars(run),
         "stock": folder.stock,
         "remote_reasons": [] if folder.stock else [_inline(r) for r in remote_code_reasons(folder)],
         "repo_literal": repr(run.repo_id if run.repo_id is not None else f"./{out.name}"),
@@ -444,6 +477,23 @@ def _usage_vars(run: RunFacts, folder: SavedFolder, out: Path) -> dict[str, Any]
         "ours_scheduler": f"{grid.sampler}Scheduler" if grid and grid.sampler != saved_sampler else None,
         "ours_steps": grid.num_inference_steps if grid else steps,
         "ours_seed": grid.seed if grid else 0,
+    }
+
+
+def _class_vars(run: RunFacts) -> dict[str, Any]:
+    """The classes and the class-conditional arguments of the usage snippets (a Python literal of a class name)."""
+    names = run.class_names
+    if names is None:
+        return {"conditional": False, "cond_args": ""}
+    example = names[min(7, len(names) - 1)]  # "7" for the digits
+    scale = run.grid.guidance_scale if run.grid is not None else 1.0
+    return {
+        "conditional": True,
+        "num_classes": len(names),
+        "null_class": len(names),
+        "class_rows": [(k, _inline(name)) for k, name in enumerate(names)],
+        "example_class": _inline(repr(example)),
+        "cond_args": f"class_labels=[{example!r}] * {SNIPPET_BATCH}, guidance_scale={scale!r}, ",
     }
 
 
@@ -459,6 +509,15 @@ def _training_vars(run: RunFacts) -> dict[str, Any]:
                             for k, v in sorted(_without_local_paths(strip_secrets(run.training_args)).items())],
         "train_stats": stats,
     }
+
+
+def _grid_caption(run: RunFacts) -> str:
+    grid = run.grid
+    rows = ""
+    if run.class_names is not None:
+        rows = (f" One row per class, top to bottom: {', '.join(run.class_names)}; classifier-free guidance at "
+                f"w = {grid.guidance_scale:g}.")
+    return f"Samples drawn at optimizer step {run.global_step} with {grid.describe()} ({grid.filename}).{rows}"
 
 
 def write_model_card(output_dir: str | os.PathLike, run: RunFacts, template_path: str | Path = TEMPLATE_PATH) -> str:
@@ -482,8 +541,10 @@ def write_model_card(output_dir: str | os.PathLike, run: RunFacts, template_path
     folder = read_saved_folder(out)
     _check_run(run, folder, out)
     datasets, dataset_text = _dataset(run, folder.sample_size)
-    card_data = _AsciiCardData(library_name="diffusers", pipeline_tag="unconditional-image-generation",
-                               license=run.license, tags=list(TAGS), datasets=datasets)
+    conditional = run.class_names is not None
+    card_data = _AsciiCardData(library_name="diffusers", pipeline_tag=None if conditional else UNCONDITIONAL_TAG,
+                               license=run.license, datasets=datasets,
+                               tags=list(CONDITIONAL_TAGS if conditional else TAGS))
     channels = {1: "grey", 3: "RGB"}.get(folder.in_channels, f"{folder.in_channels}-channel")
     grid = run.grid
     card = _Card.from_template(
@@ -495,8 +556,8 @@ def write_model_card(output_dir: str | os.PathLike, run: RunFacts, template_path
         scheduler_name=_inline(folder.scheduler_name),
         num_train_timesteps=folder.num_train_timesteps,
         grid_url=quote(grid.filename) if grid else None,
-        grid_caption=_inline(f"Samples drawn at optimizer step {run.global_step} with {grid.describe()} "
-                             f"({grid.filename}).") if grid else None,
+        grid_caption=_inline(_grid_caption(run)) if grid else None,
+        snippet_batch=SNIPPET_BATCH,
         **_usage_vars(run, folder, out),
         **_training_vars(run),
         **_evaluation_vars(run.evaluation),

@@ -68,6 +68,8 @@ class ModelArguments:
     ddpm_beta_schedule: str = field(default="linear", metadata=_choices(dm.BETA_SCHEDULES, "The beta schedule."))
     ddpm_num_inference_steps: int = field(default=50, metadata={"help": "Sampling steps for grids and --eval."})
     grid_sampler: str = field(default="ddim", metadata=_choices(GRID_SAMPLERS, "The sampler of grids and --eval."))
+    guidance_scale: float = field(default=2.0, metadata={"help": "Classifier-free guidance scale w of the grid and "
+                                  "--eval of a class-conditional model (1: the conditional model alone)."})
 
 
 @dataclass
@@ -101,6 +103,8 @@ class TrainingArguments:
     ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warmup time scale."})
     ema_power: float = field(default=2 / 3, metadata={"help": "EMA warmup exponent."})
     snr_gamma: float | None = field(default=5.0, metadata={"help": "Min-SNR-gamma loss weighting; 0 turns it off."})
+    cond_drop_prob: float = field(default=0.1, metadata={"help": "With --class_conditional: the probability that a "
+                                  "label is trained as the null class (classifier-free guidance)."})
     mixed_precision: str | None = field(default=None, metadata=_choices(MIXED_PRECISION, "Default: accelerate's "
                                         "config."))
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process; default: "
@@ -215,6 +219,7 @@ def _check_optimisation(train: TrainingArguments) -> None:
     if train.max_grad_norm is not None:
         check_real("--max_grad_norm", train.max_grad_norm, 0, inf, high_open=True)
     if train.snr_gamma is not None:
+    check_real("--guidance_scale", model.guidance_scale, 0, float("inf"), low_open=False, high_open=True)
         check_real("--snr_gamma", train.snr_gamma, 0, inf, low_open=False, high_open=True)
 
 
@@ -240,6 +245,7 @@ def _fits(value: object, option: type) -> bool:
         return is_bool(value)
     if option is int:
         return is_int(value)
+    check_real("--cond_drop_prob", train.cond_drop_prob, 0, 1, low_open=False, high_open=True)
     if option is float:
         return is_real(value)
     return isinstance(value, option) and not is_bool(value)

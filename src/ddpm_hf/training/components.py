@@ -19,6 +19,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
 from ..checkpointing import RunClock, StateHooks, TrainProgress
+from ..class_labels import LabelledDataset
 from ..data import EpochShuffleSampler, TrainDataset
 from ..ema import EMA
 from .args import MODEL_PRESETS, DataArguments, ModelArguments, TrainingArguments
@@ -140,17 +141,30 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     return accelerator
 
 
-def unet_config(model_args: ModelArguments, resolution: int, channels: int, unet_cls: type) -> dict:
-    """The network config: a preset or a config file, with size and channels from the data.
+def unet_config(model_args: ModelArguments, resolution: int, channels: int, unet_cls: type,
+                num_classes: int | None = None) -> dict:
+    """The network config: a preset or a config file, with size, channels and classes from the data.
+
+    Args:
+        model_args: the preset or ``--model_config_name_or_path``, and the variance type.
+        resolution, channels: the data's.
+        unet_cls: the network class (reads a config file).
+        num_classes: K for class-conditional training (``num_class_embeds = K + 1``, the null class K last),
+            None for unconditional.
 
     Raises:
-        ValueError: the network cannot take ``resolution`` (names the multiple it needs).
+        ValueError: the network cannot take ``resolution`` (names the multiple it needs), or the config's class
+            embedding disagrees with the data (names both numbers).
     """
-    if model_args.model_config_name_or_path is not None:
-        config = dict(unet_cls.load_config(model_args.model_config_name_or_path))
+    source = model_args.model_config_name_or_path
+    if source is not None:
+        config = dict(unet_cls.load_config(source))
         config = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
         config = dict(MODEL_PRESETS[model_args.model_preset])
+    _check_class_embedding(config, num_classes, source or f"--model_preset {model_args.model_preset}")
+    if num_classes is not None:
+        config.update(num_class_embeds=num_classes + 1, class_embed_type=None)
     out_channels = 2 * channels if model_args.variance_type == "learned_range" else channels
     config.update(sample_size=resolution, in_channels=channels, out_channels=out_channels)
     factor = 2 ** (len(config.get("down_block_types", ())) - 1)
@@ -162,6 +176,23 @@ def unet_config(model_args: ModelArguments, resolution: int, channels: int, unet
     return config
 
 
+def _check_class_embedding(config: dict, num_classes: int | None, source: str) -> None:
+    """A config's class embedding must be what the data asks for: none (unconditional) or K + 1 labels."""
+    embeds, kind = config.get("num_class_embeds"), config.get("class_embed_type")
+    if num_classes is None:
+        if embeds is not None or kind is not None:
+            raise ValueError(f"the network config of {source} is class-conditional (num_class_embeds={embeds}, "
+                             f"class_embed_type={kind}); pass --class_conditional to train it with labels")
+        return
+    if kind is not None:
+        raise ValueError(f"the network config of {source} has class_embed_type={kind!r}; --class_conditional "
+                         "trains a learned class embedding (class_embed_type None)")
+    if embeds is not None and embeds != num_classes + 1:
+        raise ValueError(f"the network config of {source} has num_class_embeds={embeds}, but the data has "
+                         f"{num_classes} classes, so --class_conditional needs num_class_embeds={num_classes + 1} "
+                         f"({num_classes} classes + the null class of classifier-free guidance)")
+
+
 def make_dataloader(dataset: TrainDataset, batch_size: int, seed: int,
                     num_workers: int) -> torch.utils.data.DataLoader:
     """Batches in a (seed, epoch) permutation that every process shares; accelerate shards them."""
@@ -171,13 +202,20 @@ def make_dataloader(dataset: TrainDataset, batch_size: int, seed: int,
 
 
 def log_dataset(dataset: TrainDataset) -> None:
-    """One line about the training images, and one about labels that unconditional training leaves unused."""
+    """One line about the training images, and one about their labels: trained on (a `LabelledDataset`, the
+    class-conditional case) or ignored."""
     info = dataset.info
     logger.info("Training images: %d (%d channel(s), %dx%d), skipped unreadable: %d; %s", info.num_images,
                 info.num_channels, info.resolution, info.resolution, info.num_skipped, info.split)
-    if info.labels is not None:
+    if info.labels is None:
+        return
+    num_classes = len(info.class_names or ()) or int(info.labels.max()) + 1
+    if isinstance(dataset, LabelledDataset):
+        logger.info("Class-conditional: %d classes from label column %r (%s); the null class is %d",
+                    num_classes, info.label_column, ", ".join(info.class_names), num_classes)
+    else:
         logger.info("Label column %r found (%d classes): ignored, this training is unconditional",
-                    info.label_column, len(info.class_names or ()) or int(info.labels.max()) + 1)
+                    info.label_column, num_classes)
 
 
 def build_noise_scheduler(model_args: ModelArguments, classes: PipelineClasses) -> Any:
@@ -203,11 +241,20 @@ def build_run(accelerator: Accelerator, dataset: TrainDataset, data_args: DataAr
         The run, at step 0 (`ddpm_hf.training.loop.resume` moves it to a checkpoint).
     """
     classes = classes or PipelineClasses.ddpm_hf()
+    if data_args.class_conditional != isinstance(dataset, LabelledDataset):
+        raise ValueError("--class_conditional trains on a LabelledDataset (what build_train_dataset returns with it), "
+                         f"and only then; got {type(dataset).__name__} with class_conditional="
+                         f"{data_args.class_conditional}")
+    num_classes = len(dataset.info.class_names) if data_args.class_conditional else None
     model = classes.unet.from_config(unet_config(model_args, data_args.resolution, dataset.info.num_channels,
-                                                 classes.unet))
+                                                 classes.unet, num_classes))
     logger.info("UNet parameters: %d", sum(p.numel() for p in model.parameters()))
+    if num_classes is not None:
+        logger.info("Classifier-free guidance training: labels become the null class %d with probability %g",
+                    num_classes, args.cond_drop_prob)
     noise_scheduler = build_noise_scheduler(model_args, classes)
-    objective = DiffusionObjective.from_scheduler(noise_scheduler, args.snr_gamma, accelerator.device)
+    objective = DiffusionObjective.from_scheduler(noise_scheduler, args.snr_gamma, accelerator.device, num_classes,
+                                                  args.cond_drop_prob)
     dataloader = make_dataloader(dataset, args.train_batch_size, args.seed, data_args.dataloader_num_workers)
     # The fused kernel: 3x faster than the per-tensor loop torch picks for CPU tensors.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..class_labels import LabelledDataset
 from ..data import DigitsDataset
 from .args import public_args
 from .components import TrainingRun
 
 logger = logging.getLogger("ddpm_hf.train")
 GRID_FILENAME = "samples.png"
+GRID_PER_CLASS = 8  # a class-conditional grid: one row of this many samples per class
 
 
 def build_pipeline(run: TrainingRun) -> Any:
@@ -32,7 +34,14 @@ def build_pipeline(run: TrainingRun) -> Any:
     unet = copy.deepcopy(run.accelerator.unwrap_model(run.model)).float().eval()
     if run.ema is not None:
         run.ema.copy_to(unet.parameters())
-    return run.classes.pipeline(unet=unet, scheduler=run.noise_scheduler)
+    return run.classes.pipeline(unet=unet, scheduler=run.noise_scheduler, **label_kwargs(run))
+
+
+def label_kwargs(run: TrainingRun) -> dict[str, Any]:
+    """The pipeline's class names, ``{"id2label": {id: name}}``, for a class-conditional run; else nothing."""
+    if not run.data_args.class_conditional:
+        return {}
+    return {"id2label": dict(enumerate(run.dataset.info.class_names))}
 
 
 def save_export(run: TrainingRun, pipeline: Any) -> None:
@@ -58,33 +67,58 @@ def sampling_pipeline(run: TrainingRun, pipeline: Any) -> Any:
     if run.model_args.grid_sampler == "ddpm":
         return pipeline
     scheduler = run.classes.ddim_scheduler.from_config(pipeline.scheduler.config)
-    sampler = type(pipeline)(unet=pipeline.unet, scheduler=scheduler)
+    sampler = type(pipeline)(unet=pipeline.unet, scheduler=scheduler, **label_kwargs(run))
     sampler.set_progress_bar_config(disable=True)
     return sampler
 
 
-def sample_grid(pipeline: Any, num_inference_steps: int, num_images: int, seed: int) -> Image.Image:
-    """Sample a grid with a fixed generator (the same noise every time, so grids compare across steps)."""
+def sample_grid(pipeline: Any, num_inference_steps: int, num_images: int, seed: int, cols: int | None = None,
+                **call_kwargs: Any) -> Image.Image:
+    """Sample a grid with a fixed generator (the same noise every time, so grids compare across steps).
+
+    Args:
+        pipeline: the sampling pipeline.
+        num_inference_steps: sampling steps.
+        num_images: samples in the grid.
+        seed: the generator's seed.
+        cols: tiles per row (default: near-square).
+        call_kwargs: further pipeline arguments (``class_labels``, ``guidance_scale``).
+
+    Returns:
+        The grid.
+    """
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.inference_mode():
         images = pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps,
-                          output_type="np").images
-    return make_grid(np.asarray(images))
+                          output_type="np", **call_kwargs).images
+    return make_grid(np.asarray(images), cols=cols)
 
 
-def make_grid(images: np.ndarray, min_tile: int = 64) -> Image.Image:
-    """Tile ``(N, H, W, C)`` images in [0, 1] into a near-square grid, upscaled so tiles are visible.
+def grid_request(run: TrainingRun) -> dict[str, Any]:
+    """What the run's grid samples: ``--eval_batch_size`` images, or for a class-conditional run one row of
+    `GRID_PER_CLASS` per class (row k = class k) guided at ``--guidance_scale``; `sample_grid`'s arguments."""
+    if not run.data_args.class_conditional:
+        return {"num_images": run.args.eval_batch_size}
+    num_classes = len(run.dataset.info.class_names)
+    return {"num_images": num_classes * GRID_PER_CLASS, "cols": GRID_PER_CLASS,
+            "class_labels": torch.arange(num_classes).repeat_interleave(GRID_PER_CLASS),
+            "guidance_scale": run.model_args.guidance_scale}
+
+
+def make_grid(images: np.ndarray, min_tile: int = 64, cols: int | None = None) -> Image.Image:
+    """Tile ``(N, H, W, C)`` images in [0, 1] row by row into a grid, upscaled so tiles are visible.
 
     Args:
         images: the images.
         min_tile: tiles are upscaled (nearest) by an integer factor to at least this many pixels.
+        cols: tiles per row (default: a near-square grid).
 
     Returns:
         The grid, one pixel of white between tiles.
     """
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
     for i, image in enumerate(images):
@@ -111,12 +145,13 @@ def evaluation_reference(run: TrainingRun, limit: int = 2048) -> tuple[torch.Ten
     against (up to ``limit`` of) the training images themselves, and the card says so.
     """
     info = run.dataset.info
-    if isinstance(run.dataset, DigitsDataset):
+    images_only = run.dataset.dataset if isinstance(run.dataset, LabelledDataset) else run.dataset
+    if isinstance(images_only, DigitsDataset):
         from ..evaluate import digits_real_images
 
         images = digits_real_images("test", info.resolution, info.num_channels)
         return images, f"the {len(images):,} digits of the fixed test split (held out from training)", True
-    images = torch.stack([run.dataset[i] for i in range(min(limit, len(run.dataset)))])
+    images = torch.stack([images_only[i] for i in range(min(limit, len(images_only)))])
     return images, f"{len(images):,} of the training images (not held out)", False
 
 
@@ -140,14 +175,16 @@ def write_card(run: TrainingRun, metrics: dict[str, Any], evaluation: Any = None
     from ..model_card import GridFacts, RunFacts, write_model_card
 
     info, args, model_args = run.dataset.info, run.args, run.model_args
+    conditional = run.data_args.class_conditional
     grid = GridFacts(filename=GRID_FILENAME, sampler=model_args.grid_sampler.upper(),
                      num_inference_steps=model_args.ddpm_num_inference_steps,
-                     weights="EMA" if run.ema is not None else "raw", seed=args.seed)
+                     weights="EMA" if run.ema is not None else "raw", seed=args.seed,
+                     guidance_scale=model_args.guidance_scale if conditional else None)
     facts = RunFacts(training_args=public_args(run.data_args, model_args, args), dataset_name=info.name,
                      dataset_is_local=info.is_local, train_split=info.split, global_step=run.progress.global_step,
                      wall_time_s=run.clock.total_s(), license=args.license,
                      repo_id=repo_id(run) if args.push_to_hub else None, grid=grid, metrics=metrics,
-                     evaluation=evaluation)
+                     evaluation=evaluation, class_names=info.class_names if conditional else None)
     return write_model_card(args.output_dir, facts)
 
 
@@ -166,7 +203,7 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], pusher: Any = None,
     if evaluation is not None:
         metrics.update(evaluation.results)
     save_export(run, pipeline)
-    grid = sample_grid(sampler, run.model_args.ddpm_num_inference_steps, run.args.eval_batch_size, run.args.seed)
+    grid = sample_grid(sampler, run.model_args.ddpm_num_inference_steps, seed=run.args.seed, **grid_request(run))
     grid.save(os.path.join(run.args.output_dir, GRID_FILENAME))
     metrics["wall_time_minutes"] = run.clock.total_s() / 60  # the card's time includes this export
     write_card(run, metrics, evaluation)
