@@ -78,3 +78,4 @@ def test_failed_final_push_exits_nonzero_with_export_intact_and_manual_command(t
     assert landed["unet/diffusion_pytorch_model.safetensors"] == (out / "unet/diffusion_pytorch_model.safetensors"
                                                                   ).read_bytes()
     assert not [rel for rel in landed if rel.startswith(("checkpoint-", "logs/"))]
+    assert (out / "ddpm_hf_run.json").is_file() and "ddpm_hf_run.json" not in landed  # local bookkeeping only

@@ -15,6 +15,7 @@ from ddpm_hf.data import build_train_dataset
 from ddpm_hf.training import (NonFiniteLossError, PeriodicOutputs, PipelineClasses, ThroughputMeter, build_run, finish,
                               log_dataset, parse_args, prepare_output_dir, resume, setup_accelerator, start_pusher,
                               start_trackers, train_loop)
+from ddpm_hf.training.interrupts import TrainingInterrupted
 
 
 def main(argv: list[str] | None = None, classes: PipelineClasses | None = None) -> dict:
@@ -52,6 +53,14 @@ def main(argv: list[str] | None = None, classes: PipelineClasses | None = None) 
 if __name__ == "__main__":
     try:
         main()
+    except TrainingInterrupted as err:  # SIGINT/SIGTERM: the step in progress was finished and checkpointed
+        if err.main_process:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop: nothing more is saved
+        print("error: aborted by Ctrl-C; nothing was saved since the last checkpoint (rerun with "
+              "--resume_from_checkpoint latest to continue from it)", file=sys.stderr)
+        sys.exit(130)
     except NonFiniteLossError as err:  # a diverged run: the message names the step, the causes and the checkpoint
         sys.exit(f"error: {err}")
     except (ValueError, TypeError) as err:  # bad input: the message names the flag, file or folder

@@ -138,8 +138,29 @@ def rotate(output_dir: str, total_limit: int | None, keep: str) -> list[str]:
     return removed
 
 
-def save_checkpoint(accelerator: Any, output_dir: str, step: int, total_limit: int | None = None) -> str:
+def read_marker(path: str) -> dict[str, Any] | None:
+    """The completion marker of checkpoint ``path`` (step, and the run's identity where recorded), or None."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def save_checkpoint(accelerator: Any, output_dir: str, step: int, total_limit: int | None = None,
+                    identity: dict[str, Any] | None = None) -> str:
     """Save the accelerator's state as ``output_dir/checkpoint-{step}``, atomically; call on every process.
+
+    Args:
+        accelerator: the run's accelerator (its save hooks add our files).
+        output_dir: where checkpoints go.
+        step: the optimizer step saved.
+        total_limit: keep at most this many checkpoints (None: all).
+        identity: the run's identity (`ddpm_hf.training.output_folder.run_identity`), recorded in the marker.
+
+    Returns:
+        The checkpoint folder.
 
     Raises:
         OSError: the save failed (disk full, permissions); the message names the path. Earlier checkpoints
@@ -159,7 +180,7 @@ def save_checkpoint(accelerator: Any, output_dir: str, step: int, total_limit: i
     if accelerator.is_main_process:
         try:
             with open(os.path.join(partial, MARKER), "w") as f:
-                json.dump({"step": step}, f)
+                json.dump({"step": step, **(identity or {})}, f, indent=2, sort_keys=True)
             _replace_dir(partial, final)
         except OSError as err:
             shutil.rmtree(partial, ignore_errors=True)

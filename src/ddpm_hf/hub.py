@@ -32,11 +32,12 @@ except ImportError:  # pragma: no cover - depends on the installed huggingface_h
 
 logger = logging.getLogger(__name__)
 
-# Never pushed: accelerate checkpoints (model + optimizer + LR scheduler + RNG states), logs, pickles, and
-# anything temporary (our atomic-write temp names, editor/OS droppings). fnmatch's `*` also crosses `/`,
-# and a trailing `/` means "everything below".
+# Never pushed: accelerate checkpoints (model + optimizer + LR scheduler + RNG states), logs, the run's identity
+# file (local bookkeeping: it holds local data paths), pickles, and anything temporary (our atomic-write temp
+# names, editor/OS droppings). fnmatch's `*` also crosses `/`, and a trailing `/` means "everything below".
 DEFAULT_IGNORE_PATTERNS: tuple[str, ...] = (
     "checkpoint-*",
+    "ddpm_hf_run.json",
     "*/checkpoint-*",
     "logs/",
     "*.pkl",

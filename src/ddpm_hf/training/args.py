@@ -112,6 +112,8 @@ class TrainingArguments:
     skip_nonfinite_steps: bool = field(default=False, metadata={"help": "Skip optimizer steps whose loss is NaN/inf "
                                        "instead of stopping."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
+    checkpointing_minutes: float | None = field(default=None, metadata={"help": "Also save a checkpoint once N "
+                                                "minutes have passed since the last one (for pre-emptible machines)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
     save_images_steps: int | None = field(default=None, metadata={"help": "Write a sample grid every N steps "
@@ -132,6 +134,23 @@ class TrainingArguments:
 
 
 ARGUMENT_GROUPS = (DataArguments, ModelArguments, TrainingArguments)
+
+# The arguments that leave the trained weights and training state unchanged: where outputs go, how often they are
+# written, logging, the Hub, evaluation and sampling for the grid, threads. Every other argument is part of a
+# run's identity (`ddpm_hf.training.output_folder.run_identity`): a checkpoint of another identity is not resumed.
+# The network file and the precision enter the identity by their effect (the network config, the precision in
+# force), not by their spelling.
+RESULT_NEUTRAL_ARGS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpointing_minutes",
+    "checkpoints_total_limit", "save_images_steps", "save_model_steps", "logger", "logging_dir", "logging_steps",
+    "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "license", "eval", "eval_num_samples",
+    "eval_batch_size", "grid_sampler", "ddpm_num_inference_steps", "guidance_scale", "num_threads",
+    "dataloader_num_workers",
+    "cache_dir", "skip_nonfinite_steps", "model_config_name_or_path", "mixed_precision",
+})
+# The run's length may change on resume (to train longer), with a warning: the LR schedule is rebuilt for the new
+# length, so the result is not that of an uninterrupted run of that length.
+RESUMABLE_CHANGES = frozenset({"max_train_steps", "num_epochs"})
 
 
 def public_args(*arg_groups: object) -> dict[str, Any]:
@@ -189,6 +208,12 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
         if value is not None:
             check_int(name, value, 1)
     check_int("--dataloader_num_workers", data.dataloader_num_workers, 0)
+    if train.checkpointing_minutes is not None:
+        check_real("--checkpointing_minutes", train.checkpointing_minutes, 0, float("inf"), high_open=True)
+    if train.overwrite_output_dir and train.resume_from_checkpoint is not None:
+        # Overwriting would delete the very checkpoints a resume reads: refuse before anything is touched.
+        raise ValueError(f"--overwrite_output_dir true deletes the checkpoints that --resume_from_checkpoint "
+                         f"{train.resume_from_checkpoint!r} would continue from: give one of them, not both")
     check_int("--lr_warmup_steps", train.lr_warmup_steps, 0)
     if data.num_channels not in (None, 1, 3):
         raise ValueError(f"--num_channels must be 1 or 3, got {data.num_channels!r}")

@@ -1,5 +1,5 @@
-"""The training loop over a `TrainingRun`: accumulation groups, the non-finite-loss policy, logging, checkpoints,
-periodic exports, and resuming.
+"""The training loop over a `TrainingRun`: the output-folder checks, accumulation groups, the non-finite-loss
+policy, logging, checkpoints (by steps, by the clock, and on SIGINT/SIGTERM), periodic exports, and resuming.
 
 Accumulation groups end at every ``--gradient_accumulation_steps``-th micro-batch and at the epoch end, the LR
 schedule is stepped once per optimizer step, and the position in the epoch is part of the checkpointed
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from ..checkpointing import TrainProgress, remove_partial, resolve_checkpoint, save_checkpoint
 from .args import public_args
 from .components import TrainingRun
+from .interrupts import CheckpointTimer, StopRequest, TrainingInterrupted, step_decisions
+from .output_folder import check_output_dir, clear_run_outputs, run_identity, run_outputs, write_run_file
 
 logger = logging.getLogger("ddpm_hf.train")
 
@@ -72,17 +74,30 @@ class _LogWindow:
 
 
 def prepare_output_dir(run: TrainingRun) -> None:
-    """Create ``--output_dir`` (emptied first with ``--overwrite_output_dir``) and drop interrupted saves.
+    """Check ``--output_dir`` against this run, then create it and record the run's identity in it.
 
-    Called only once data and network are validated, so a bad flag leaves nothing behind.
+    Every process checks first (`ddpm_hf.training.output_folder.check_output_dir`: another run's export or
+    checkpoints, a checkpoint of another identity), before anything is written; with ``--overwrite_output_dir``
+    the previous run's outputs are removed by name and other files kept. Leftovers of interrupted saves are
+    dropped. Called only once data and network are validated, so a bad flag leaves nothing behind.
+
+    Raises:
+        ValueError: the folder holds another run (names what and the differing settings).
     """
-    args = run.args
-    if run.accelerator.is_main_process:
+    args, accelerator = run.args, run.accelerator
+    identity = run_identity(run)
+    check_output_dir(run, identity)
+    accelerator.wait_for_everyone()  # nobody writes before every process has checked
+    if accelerator.is_main_process:
         if args.overwrite_output_dir and os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)
+            removed = clear_run_outputs(args.output_dir, args.logging_dir)
+            kept = sorted(set(os.listdir(args.output_dir)) - set(run_outputs(args.output_dir, args.logging_dir)))
+            logger.info("--overwrite_output_dir: removed %s from %s%s", ", ".join(removed) or "nothing",
+                        args.output_dir, f"; kept other files: {', '.join(kept)}" if kept else "")
         os.makedirs(args.output_dir, exist_ok=True)
         remove_partial(args.output_dir)
-    run.accelerator.wait_for_everyone()
+        write_run_file(args.output_dir, identity)
+    accelerator.wait_for_everyone()
 
 
 def resume(run: TrainingRun) -> None:
@@ -127,6 +142,10 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
             (the periodic exports hang here); None for none.
         observers: told about the start, each optimizer step and the end.
 
+    Checkpoints are saved every ``--checkpointing_steps`` steps, when ``--checkpointing_minutes`` have passed
+    since the last one (by the main process's clock), and at the end. SIGINT/SIGTERM end the loop after the
+    current optimizer step with a checkpoint.
+
     Returns:
         The metrics: ``train_loss`` (the last logged mean), ``global_step``, ``wall_time_minutes`` (the whole run
         so far), ``skipped_nonfinite_steps``, ``num_processes``.
@@ -134,34 +153,40 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
     Raises:
         NonFiniteLossError: a non-finite loss without ``--skip_nonfinite_steps`` (after checkpointing the last
             good state).
+        TrainingInterrupted: SIGINT/SIGTERM, after checkpointing the step in progress (says how to resume).
     """
     progress, metrics = run.progress, {}
     bar = tqdm(total=run.max_steps, initial=progress.global_step,
                disable=not run.accelerator.is_local_main_process, desc="train")
     window = _LogWindow(torch.zeros((), device=run.accelerator.device))
+    timer = CheckpointTimer(run.args.checkpointing_minutes)
     for observer in observers:
         observer.on_train_start(progress.global_step)
     run.model.train()
-    while progress.global_step < run.max_steps:
-        for group in _groups(run):
-            window.images += group.images  # skipped steps' images count too: they took the time
-            if not _optimizer_step(run, group):
-                continue
-            bar.update(1)
-            for observer in observers:
-                observer.on_step(progress.global_step, group.images)
-            _log_step(run, window, group, bar, metrics)
-            step = progress.global_step
-            if step % run.args.checkpointing_steps == 0 and step < run.max_steps:
-                save_checkpoint(run.accelerator, run.args.output_dir, step, run.args.checkpoints_total_limit)
-            if on_step_end is not None:
-                on_step_end(step, metrics)
-            if step >= run.max_steps:
-                break
+    with StopRequest() as stop:
+        while progress.global_step < run.max_steps:
+            for group in _groups(run):
+                window.images += group.images  # skipped steps' images count too: they took the time
+                finite, stopping, due = step_decisions(run.accelerator, group.loss_sum, stop.requested,
+                                                       timer.due() and run.accelerator.is_main_process)
+                stepped = _optimizer_step(run, group, finite)
+                if stepped:
+                    _report_step(run, window, group, bar, metrics, observers)
+                step = progress.global_step
+                periodic = stepped and (step % run.args.checkpointing_steps == 0 or due)
+                if stopping or (periodic and step < run.max_steps):
+                    _save(run, step, timer)
+                if stopping:
+                    bar.close()
+                    _interrupted(run, stop.signum or signal.SIGTERM, step)  # another rank's signal: SIGTERM's code
+                if stepped and on_step_end is not None:
+                    on_step_end(step, metrics)
+                if step >= run.max_steps:
+                    break
     for observer in observers:
         observer.on_train_end()
     bar.close()
-    save_checkpoint(run.accelerator, run.args.output_dir, progress.global_step, run.args.checkpoints_total_limit)
+    _save(run, progress.global_step, timer)
     metrics.update(global_step=progress.global_step, wall_time_minutes=run.clock.total_s() / 60,
                    skipped_nonfinite_steps=progress.skipped_nonfinite, num_processes=run.accelerator.num_processes)
     return metrics
@@ -196,10 +221,34 @@ def _groups(run: TrainingRun) -> Iterator[_Group]:
             group = None
 
 
-def _optimizer_step(run: TrainingRun, group: _Group) -> bool:
-    """Clip, step the optimizer, LR schedule and EMA; False when a non-finite loss was skipped instead."""
+def _save(run: TrainingRun, step: int, timer: CheckpointTimer | None = None) -> str:
+    """Checkpoint ``step`` with the run's identity in its marker (restarting the checkpoint clock)."""
+    path = save_checkpoint(run.accelerator, run.args.output_dir, step, run.args.checkpoints_total_limit,
+                           identity=run_identity(run))
+    if timer is not None:
+        timer.reset()
+    return path
+
+
+def _interrupted(run: TrainingRun, signum: int, step: int) -> None:
+    """Raise `TrainingInterrupted`: where the checkpoint is and how to resume."""
+    name = signal.Signals(signum).name
+    path = os.path.join(run.args.output_dir, f"checkpoint-{step}")
+    raise TrainingInterrupted(signum, f"interrupted by {name} after optimizer step {step} of {run.max_steps}: "
+                              f"saved {path}. To continue, rerun with the same flags plus "
+                              "--resume_from_checkpoint latest", main_process=run.accelerator.is_main_process)
+
+
+def _optimizer_step(run: TrainingRun, group: _Group, finite: bool) -> bool:
+    """Clip, step the optimizer, LR schedule and EMA; False when a non-finite loss was skipped instead.
+
+    Args:
+        run: the run.
+        group: the accumulation group whose gradients are ready.
+        finite: whether the loss was finite on every process (`step_decisions`).
+    """
     accelerator, progress = run.accelerator, run.progress
-    if not all_finite(accelerator, group.loss_sum):
+    if not finite:
         run.optimizer.zero_grad(set_to_none=True)
         if not run.args.skip_nonfinite_steps:
             _stop_on_nonfinite(run, group)
@@ -217,6 +266,15 @@ def _optimizer_step(run: TrainingRun, group: _Group) -> bool:
     progress.global_step += 1
     _finish_epoch_if_done(progress, run.batches_per_epoch)
     return True
+
+
+def _report_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, metrics: dict,
+                 observers: Sequence[StepObserver]) -> None:
+    """Tell the progress bar, the observers and the log about the optimizer step just taken."""
+    bar.update(1)
+    for observer in observers:
+        observer.on_step(run.progress.global_step, group.images)
+    _log_step(run, window, group, bar, metrics)
 
 
 def _log_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, metrics: dict) -> None:
@@ -240,12 +298,6 @@ def _log_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, me
     window.images, window.steps, window.start = 0, 0, time.perf_counter()
 
 
-def all_finite(accelerator: Any, loss_sum: torch.Tensor) -> bool:
-    """Whether every process's loss for this step is finite (all processes must agree to skip or stop)."""
-    bad = (~torch.isfinite(loss_sum)).float().reshape(1)
-    return accelerator.reduce(bad, "sum").item() == 0 if accelerator.num_processes > 1 else bad.item() == 0
-
-
 def _finish_epoch_if_done(progress: TrainProgress, batches_per_epoch: int) -> None:
     """Move to the next epoch once all its batches are consumed (checkpoints then resume at its start)."""
     if progress.batches_in_epoch == batches_per_epoch:
@@ -260,8 +312,7 @@ def _stop_on_nonfinite(run: TrainingRun, group: _Group) -> None:
     progress.batches_in_epoch = group.start
     saved = None
     if progress.global_step > 0:
-        saved = save_checkpoint(run.accelerator, run.args.output_dir, progress.global_step,
-                                run.args.checkpoints_total_limit)
+        saved = _save(run, progress.global_step)
     raise NonFiniteLossError(
         f"loss is {group.loss_sum.item()} at optimizer step {progress.global_step + 1} (epoch {progress.epoch}, "
         f"batch {group.start}). Likely causes: a learning rate too high for this model (--learning_rate), "
