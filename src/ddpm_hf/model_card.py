@@ -49,7 +49,7 @@ LICENSE_PATTERN = re.compile(r"[a-z0-9][a-z0-9.+_-]*")  # Hub license ids: apach
 _HELD_OUT_WORDS = re.compile(r"(?<!not )held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
 # Keys of ddpm_hf.evaluate's results: metrics are shown only in the Evaluation section and only with EvalFacts;
 # counts beside each metric; the CLI's sampling context is stated from EvalFacts' own fields.
-_COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images")
+_COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images", "num_per_class", "num_real_b_per_class")
 # The images behind each metric, stated beside it: (metric key pattern, text over the count keys); first match wins.
 _MEASURED_ON = (
     (re.compile(r"fid_.*_floor"), "{num_real_a} real (half A) vs {num_real_b} real (half B)"),
@@ -58,8 +58,19 @@ _MEASURED_ON = (
     (re.compile(r"classifier_confidence_real"), "{num_real_b} real (half B)"),
     (re.compile(r"class_.*|classifier_confidence"), "{num_generated} generated"),
 )
-_CONTEXT_KEYS = ("sampler", "num_inference_steps", "seed", "real_split", "bpd_split")
-_EVAL_KEY = re.compile(r"fid_.*|bits_per_dim|class_histogram|class_balance|classifier_confidence(_real)?")
+# ddpm_hf.evaluate.evaluate_conditional's results (a class-conditional model): samples per class, halves per class.
+_MEASURED_ON_CONDITIONAL = (
+    (re.compile(r"fid_.*_floor_per_class"), "each class: {num_per_class} real (half A) vs its real half B"),
+    (re.compile(r"fid_.*_per_class"), "each class: {num_per_class} generated vs its real half B"),
+    (re.compile(r"fid_.*_floor"), "{num_per_class} real per class (half A) vs all of half B"),
+    (re.compile(r"fid_.*"), "{num_per_class} generated per class vs all of half B"),
+    (re.compile(r"conditional_accuracy.*|nfe_per_sample"), "{num_per_class} generated per class"),
+    (re.compile(r"classifier_accuracy_real"), "all the real reference images"),
+)
+_CONTEXT_KEYS = ("sampler", "num_inference_steps", "seed", "real_split", "bpd_split", "classes", "guidance_scale",
+                 "guidance_rescale")
+_EVAL_KEY = re.compile(r"fid_.*|bits_per_dim|class_histogram|class_balance|classifier_confidence(_real)?"
+                       r"|conditional_accuracy(_per_class)?|classifier_accuracy_real|nfe_per_sample")
 # Run bookkeeping the card states in its own words (the whole run's wall time comes from RunFacts.wall_time_s).
 _BOOKKEEPING_KEY = re.compile(r"global_step|wall_time.*")
 
@@ -234,6 +245,8 @@ def _inline(text: Any) -> str:
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"  # per-class metrics: readable in a table cell
     if isinstance(value, (list, tuple, dict)):
         value = json.dumps(value, default=str)
     return _inline(value)
@@ -374,7 +387,8 @@ def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
     results = evaluation.results
     if not isinstance(results, dict) or not any(_EVAL_KEY.fullmatch(k) for k in results):
         raise ValueError("RunFacts.evaluation.results must be evaluate_pipeline's result (no metric found in it)")
-    needed = {name for key in results for _, name, _, _ in string.Formatter().parse(_measured_on(key)) if name}
+    needed = {name for key in results for _, name, _, _ in string.Formatter().parse(_measured_on(key, results))
+              if name}
     missing = sorted(k for k in needed if not is_int(results.get(k)))
     if missing:
         raise ValueError(f"RunFacts.evaluation.results lacks the sample counts {missing} behind its metrics")
@@ -402,10 +416,16 @@ def _dataset(run: RunFacts, resolution: int) -> tuple[list[str] | None, str]:
 
 def _metric_label(key: str) -> str:
     if key.startswith("fid_"):
+        per_class = key.endswith("_per_class")
+        key = key.removesuffix("_per_class")
         features = key[4:].removesuffix("_floor")
         kind = "FID floor (real vs real)" if key.endswith("_floor") else "FID"
-        return f"{kind}, {features} features"
+        return f"{kind}, {features} features" + (", per class (class order)" if per_class else "")
     return {
+        "conditional_accuracy": "Conditional accuracy (the digits classifier names the requested class)",
+        "conditional_accuracy_per_class": "Conditional accuracy per class (class order)",
+        "classifier_accuracy_real": "Classifier accuracy on real images (the ceiling of conditional accuracy)",
+        "nfe_per_sample": "Network evaluations per sample (a guided step counts 2)",
         "bits_per_dim": "Bits/dim (variational bound; lower is better)",
         "class_histogram": "Predicted class histogram of samples",
         "class_balance": "Class balance of samples (normalised entropy, 1 = uniform)",
@@ -414,9 +434,11 @@ def _metric_label(key: str) -> str:
     }.get(key, key)
 
 
-def _measured_on(key: str) -> str:
-    """The images behind a metric, as a template over the result's count keys ("" for a metric of unknown kind)."""
-    return next((text for pattern, text in _MEASURED_ON if pattern.fullmatch(key)), "")
+def _measured_on(key: str, results: dict[str, Any]) -> str:
+    """The images behind a metric, as a template over the result's count keys ("" for a metric of unknown kind);
+    ``results`` of a class-conditional evaluation (``conditional_accuracy`` in them) count per class."""
+    table = _MEASURED_ON_CONDITIONAL if "conditional_accuracy" in results else _MEASURED_ON
+    return next((text for pattern, text in table if pattern.fullmatch(key)), "")
 
 
 def _evaluation_notes(evaluation: EvalFacts) -> list[str]:
@@ -427,12 +449,16 @@ def _evaluation_notes(evaluation: EvalFacts) -> list[str]:
                      "floor is the same distance between two disjoint sets of real images, what a perfect model "
                      "would score at that sample count. FID depends on the sample count: compare it with the "
                      "floor beside it, and with other FIDs only at the same counts and features.")
-        if r.get("num_real_a") != r.get("num_generated"):
+        if "conditional_accuracy" not in r and r.get("num_real_a") != r.get("num_generated"):
             notes.append(f"The floor uses {r.get('num_real_a')} real images where the FID uses "
                          f"{r.get('num_generated')} generated ones (too few real images to match).")
     if any(k.startswith("fid_digits") for k in r):
         notes.append("The digits features are the 64 penultimate activations of a small digits classifier; "
                      "these FIDs are not comparable with Inception FIDs from papers.")
+    if "conditional_accuracy" in r:
+        notes.append(f"Each class was asked for {r['num_per_class']} samples with classifier-free guidance scale "
+                     f"w = {r['guidance_scale']:g}. Conditional accuracy cannot exceed the classifier's own accuracy "
+                     "on real images, shown beside it.")
     if "bits_per_dim" in r:
         where = ("images training never saw" if evaluation.heldout else
                  "images the model was trained on, so it is a training-set bound, not a test likelihood")
@@ -446,7 +472,7 @@ def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
     r = evaluation.results
     heldout = ("These images were held out: training never saw them." if evaluation.heldout else
                "These are training data: the model trained on them, so the numbers do not measure generalisation.")
-    rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_measured_on(k).format(**r)))
+    rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_measured_on(k, r).format(**r)))
             for k, v in r.items() if k not in _COUNT_KEYS + _CONTEXT_KEYS]
     return {
         "evaluated": True,
@@ -515,8 +541,7 @@ def _grid_caption(run: RunFacts) -> str:
     grid = run.grid
     rows = ""
     if run.class_names is not None:
-        rows = (f" One row per class, top to bottom: {', '.join(run.class_names)}; classifier-free guidance at "
-                f"w = {grid.guidance_scale:g}.")
+        rows = f" One row per class, top to bottom: {', '.join(run.class_names)} (classifier-free guidance)."
     return f"Samples drawn at optimizer step {run.global_step} with {grid.describe()} ({grid.filename}).{rows}"
 
 
