@@ -259,3 +259,51 @@ def test_strip_secrets_is_recursive_and_masks_token_shaped_values():
 def test_template_is_the_repo_root_file():
     assert TEMPLATE_PATH.name == "model_card.md" and TEMPLATE_PATH.is_file()
     assert "{{ card_data }}" in TEMPLATE_PATH.read_text()
+
+
+# ---- class-conditional cards -------------------------------------------------------------------------------------
+
+CONDITIONAL_RESULTS = {"conditional_accuracy": 0.9, "conditional_accuracy_per_class": [0.8, 1.0],
+                       "classifier_accuracy_real": 0.97, "fid_digits": 2.5, "fid_digits_floor": 1.5,
+                       "fid_digits_per_class": [3.0, 4.0], "fid_digits_floor_per_class": [2.0, 2.25],
+                       "nfe_per_sample": 50.0, "classes": [0, 1], "num_per_class": 22,
+                       "num_real_b_per_class": [23, 22], "guidance_scale": 2.0, "guidance_rescale": 0.0}
+
+
+@pytest.fixture
+def conditional_folder(tmp_path):
+    pipeline = ddpm_hf.DDPMPipeline(ddpm_hf.UNet2DModel(**TINY, num_class_embeds=3),
+                                    ddpm_hf.DDPMScheduler(num_train_timesteps=50), id2label={0: "cat", 1: "dog"})
+    pipeline.save_pretrained(tmp_path / "cfg")
+    (tmp_path / "cfg" / "samples").mkdir()
+    Image.new("L", (16, 16)).save(tmp_path / "cfg" / "samples" / "grid 100.png")
+    return tmp_path / "cfg"
+
+
+def test_a_class_conditional_card_lists_the_classes_and_the_per_class_evaluation(conditional_folder):
+    grid = dataclasses.replace(GRID, guidance_scale=2.0)
+    evaluation = dataclasses.replace(EVAL, results=CONDITIONAL_RESULTS, guidance_scale=2.0)
+    data, body, _ = card(conditional_folder, class_names=("cat", "dog"), grid=grid, evaluation=evaluation)
+    assert "pipeline_tag" not in data and "class-conditional" in data["tags"]
+    assert "| 0 | cat |" in body and "| 1 | dog |" in body and "One row per class, top to bottom: cat, dog" in body
+    assert "class_labels=['dog'] * 16, guidance_scale=2.0" in body  # the example class: index min(7, K - 1)
+    assert "| Conditional accuracy per class (class order) | [0.8, 1] | 22 generated per class |" in body
+    assert "| FID floor (real vs real), digits features, per class (class order) | [2, 2.25] | each class: 22 real" \
+        in body
+    assert "guidance scale w = 2" in body and "cannot exceed the classifier's own accuracy" in body
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"class_names": None}, r"class-conditional \(num_class_embeds=3\) but RunFacts.class_names is None"),
+    ({"class_names": ("cat", "dog", "eel")}, "has 3 classes, so the saved unet needs num_class_embeds=4"),
+    ({"class_names": ("cat", "cat")}, "at least 2 distinct non-empty strings"),
+    ({"class_names": ("cat", "dog"), "grid": GRID}, "grid.guidance_scale must say"),
+])
+def test_class_facts_that_contradict_the_folder_are_refused(conditional_folder, changes, message):
+    with pytest.raises(ValueError, match=message):
+        card(conditional_folder, evaluation=None, **changes)
+
+
+def test_class_names_on_an_unconditional_folder_are_refused(folder):
+    with pytest.raises(ValueError, match="saved unet needs num_class_embeds=3 .* but it has None"):
+        card(folder, class_names=("cat", "dog"), grid=dataclasses.replace(GRID, guidance_scale=1.0))
