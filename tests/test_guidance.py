@@ -140,11 +140,12 @@ def test_guidance_one_is_the_conditional_model_in_one_pass(prediction_type):
     assert pipe.unet.batches == [2] * 4
 
 
+@pytest.mark.parametrize("phi", [0.0, 0.7])
 @pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
-def test_x0_and_v_models_are_guided_in_eps_space(prediction_type):
-    """An x_0/v network guided (with rescale too) equals the eps network guided: the same eps, converted."""
+def test_x0_and_v_models_are_guided_in_eps_space(prediction_type, phi):
+    """An x_0/v network guided (with and without rescale) equals the eps network guided: the same eps, converted."""
     kwargs = dict(batch_size=3, num_inference_steps=4, class_labels=[0, 1, 2], guidance_scale=2.5,
-                  guidance_rescale=0.7)
+                  guidance_rescale=phi)
     eps_pipe = _pipe()
     other = _pipe(ddpm_hf.DDIMScheduler(num_train_timesteps=T, clip_sample=False, prediction_type=prediction_type),
                   prediction_type=prediction_type)
@@ -171,6 +172,13 @@ def test_guidance_rescale_follows_lin_et_al():
         x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * eps
     np.testing.assert_allclose(got.numpy(), x, atol=1e-10, rtol=0)
+
+
+def test_guidance_zero_is_the_null_class_model_in_one_pass():
+    pipe, null_twin = _pipe(), _pipe(fixed_class=K)
+    got = _latents(pipe, batch_size=2, num_inference_steps=3, generator=_gen(), class_labels=[0, 2], guidance_scale=0)
+    assert torch.equal(got, _latents(null_twin, batch_size=2, num_inference_steps=3, generator=_gen()))
+    assert pipe.unet.batches == [2] * 3
 
 
 def test_unconditional_sampling_of_a_guidance_model_goes_through_the_null_class():
@@ -323,6 +331,7 @@ SCHEDULERS = {
     "ddim-x0": lambda: ddpm_hf.DDIMScheduler(num_train_timesteps=T, prediction_type="sample"),
     "dpmsolver": lambda: diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T),
     "unipc": lambda: diffusers.UniPCMultistepScheduler(num_train_timesteps=T),
+    "euler": lambda: diffusers.EulerDiscreteScheduler(num_train_timesteps=T),  # fractional timesteps, scaled input
     "diffusers-ddpm-learned_range": lambda: diffusers.DDPMScheduler(num_train_timesteps=T,
                                                                     variance_type="learned_range"),
 }
@@ -371,3 +380,17 @@ def test_learned_variance_model_samples_with_ddim():
     plain = DDPMPipeline(unconditional, ddpm_hf.DDIMScheduler.from_config(config))
     plain.set_progress_bar_config(disable=True)
     assert plain(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 8, 8, 1)
+
+
+def test_alpha_at_fractional_timesteps_is_what_euler_feeds_the_network():
+    from ddpm_hf.guidance import alpha_at
+
+    euler = diffusers.EulerDiscreteScheduler(num_train_timesteps=T)
+    euler.set_timesteps(7)
+    table = euler.alphas_cumprod.double()
+    for i, t in enumerate(euler.timesteps):
+        sigma = float(euler.sigmas[i])  # Euler's own interpolated sigma; its network input is x / sqrt(sigma^2 + 1)
+        assert float(alpha_at(table, t)) == pytest.approx(1 / (1 + sigma**2), rel=1e-6)
+    assert float(alpha_at(table, 10)) == float(table[10])
+    torch.testing.assert_close(alpha_at(table, torch.tensor([3, 4])), table[[3, 4]], atol=0, rtol=0)
+

@@ -147,6 +147,12 @@ def resolve_class_labels(class_labels: ClassLabels, batch: int, cond: ClassCondi
     return labels.expand(batch).clone()
 
 
+def end_labels(class_labels: ClassLabels) -> tuple[ClassLabels, ClassLabels]:
+    """The labels of an interpolation's two ends: the first and last of per-point labels, else the one label."""
+    per_point = isinstance(class_labels, (list, tuple)) or (torch.is_tensor(class_labels) and class_labels.ndim > 0)
+    return (class_labels[:1], class_labels[-1:]) if per_point else (class_labels, class_labels)
+
+
 # ---- the guidance maths ------------------------------------------------------------------------------------------
 
 
@@ -163,14 +169,31 @@ def rescale_guided(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torc
     return phi * (guided * ratio) + (1 - phi) * guided
 
 
+def alphas_cumprod_float64(scheduler: Any) -> torch.Tensor:
+    """The scheduler's bar(alpha) table in float64 on the CPU: ddpm_hf's schedulers keep it as ``noise_schedule``
+    (their public ``alphas_cumprod`` is float32, as in diffusers); diffusers' schedulers have only their float32
+    table."""
+    schedule = getattr(scheduler, "noise_schedule", None)
+    table = schedule.alphas_cumprod if schedule is not None else scheduler.alphas_cumprod
+    return table.double().cpu()
+
+
 def alpha_at(alphas_cumprod: torch.Tensor, timestep: Any) -> torch.Tensor:
-    """float64 bar(alpha) at a (possibly fractional, e.g. Euler's) timestep, linear between table entries;
-    shape ``()`` or ``(N,)`` like ``timestep``."""
+    """float64 bar(alpha) at a timestep, shape ``()`` or ``(N,)`` like ``timestep``.
+
+    A fractional timestep (Euler/Heun with linspace spacing) gets what those schedulers feed the network there:
+    sigma = sqrt((1 - a) / a) interpolated linearly in t (diffusers' ``np.interp`` over the sigma table), then
+    a = 1 / (1 + sigma^2); at integer timesteps that is the table entry.
+    """
     t = torch.as_tensor(timestep, dtype=torch.float64).cpu().clamp(0, len(alphas_cumprod) - 1)
     low = t.floor().long()
     high = (low + 1).clamp(max=len(alphas_cumprod) - 1)
     frac = t - low
-    return (1 - frac) * alphas_cumprod[low] + frac * alphas_cumprod[high]
+    if not frac.any():
+        return alphas_cumprod[low]
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    sigma = (1 - frac) * sigmas[low] + frac * sigmas[high]
+    return 1 / (1 + sigma**2)
 
 
 def guide_prediction(cond: torch.Tensor, uncond: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor,
@@ -231,7 +254,7 @@ class Guidance:
 
         kwargs = {k: twice(v) for k, v in model_kwargs.items()}
         labels = torch.cat([self.labels, self.null_labels]).to(sample.device)
-        return torch.cat([sample, sample]), twice(torch.as_tensor(timestep)), {**kwargs, "class_labels": labels}
+        return torch.cat([sample, sample]), twice(timestep), {**kwargs, "class_labels": labels}
 
     def combine(self, output: torch.Tensor, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
         """Guide the first C (mean) channels of the batched output; learned variance channels (2C outputs) are the
@@ -258,7 +281,8 @@ def plan_conditioning(cond: ClassConditioning, class_labels: ClassLabels, batch:
 
     ``class_labels=None`` on a guidable model means the null class (unconditional sampling); on a conditional
     model without a null class it is an error. ``guidance_scale == 1`` is the conditional model in one pass (no
-    ``Guidance``); any other scale needs a guidable model.
+    ``Guidance``), and ``guidance_scale == 0`` without rescaling the null-class model in one pass; any scale but 1
+    needs a guidable model.
 
     Args:
         cond: the unet's ``ClassConditioning``.
@@ -293,8 +317,11 @@ def plan_conditioning(cond: ClassConditioning, class_labels: ClassLabels, batch:
         labels = torch.full((batch,), cond.null_class, dtype=torch.long)
     if labels is None:
         return model_kwargs, None
-    if guidance_scale == 1 or class_labels is None:  # the conditional (or the null-class) model: one pass
-        return {**model_kwargs, "class_labels": labels.to(device)}, None
+    null_only = guidance_scale == 0 and guidance_rescale == 0  # eq. 6 at w = 0: the null-class model alone
+    if null_only:
+        labels = torch.full((batch,), cond.null_class, dtype=torch.long)
+    if guidance_scale == 1 or null_only or class_labels is None:  # (w = 1: rescaling by std(x_pos)/std(x_pos) = 1)
+        return {**model_kwargs, "class_labels": labels.to(device)}, None  # the conditional or null model: one pass
     null = torch.full((batch,), cond.null_class, dtype=torch.long)
     return model_kwargs, Guidance(labels, null, float(guidance_scale), float(guidance_rescale), prediction_type,
                                   alphas_cumprod)

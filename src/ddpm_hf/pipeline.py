@@ -22,7 +22,15 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion_math import q_sample
-from .guidance import ClassConditioning, ClassLabels, Guidance, normalize_id2label, plan_conditioning
+from .guidance import (
+    ClassConditioning,
+    ClassLabels,
+    Guidance,
+    alphas_cumprod_float64,
+    end_labels,
+    normalize_id2label,
+    plan_conditioning,
+)
 from .editing import (
     ImageInput,
     check_generator,
@@ -73,9 +81,9 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         id2label = normalize_id2label(id2label)
-        if id2label is not None:  # registered like StableDiffusionPipeline's requires_safety_checker: from_pretrained restores it
+        if id2label is not None:  # a config entry, as StableDiffusionPipeline's requires_safety_checker: reloaded
             if unet is not None:
-                ClassConditioning.of(unet.config, id2label)  # a count that fits neither layout is refused here
+                ClassConditioning.of(unet.config, id2label)  # a class count that fits neither layout is refused here
             self.register_to_config(id2label={str(k): v for k, v in id2label.items()})
 
     @property
@@ -104,7 +112,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         """Checked ``model_kwargs`` with the labels of a single pass, and the guidance of a batched one."""
         scheduler = scheduler or self.scheduler
         cond = ClassConditioning.of(self.unet.config, self.id2label)
-        alphas = self._alphas_cumprod(scheduler) if guidance_scale != 1 else None
+        alphas = alphas_cumprod_float64(scheduler) if guidance_scale != 1 else None
         return plan_conditioning(cond, class_labels, batch, check_model_kwargs(model_kwargs), guidance_scale,
                                  guidance_rescale, prediction_type=scheduler.config.get("prediction_type", "epsilon"),
                                  alphas_cumprod=alphas, device=self._execution_device)
@@ -330,9 +338,8 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         guide = (guidance_scale, guidance_rescale)
         self._conditioning(class_labels, num_points, model_kwargs, *guide)  # refuse bad labels before any work
         if input_type == "images":
-            per_point = isinstance(class_labels, (list, tuple)) or (torch.is_tensor(class_labels) and class_labels.ndim)
-            ends_labels = (class_labels[:1], class_labels[-1:]) if per_point else (class_labels, class_labels)
-            ends = [self.invert(x, num_inference_steps, model_kwargs, y, *guide) for x, y in zip((a, b), ends_labels)]
+            ends = [self.invert(x, num_inference_steps, model_kwargs, y, *guide)
+                    for x, y in zip((a, b), end_labels(class_labels))]
             if any(x.shape[0] != 1 for x in ends):
                 raise ValueError("interpolate takes one image for a and one for b")
         elif input_type == "latents":
@@ -378,17 +385,9 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         return self._output(sample, output_type, return_dict)
 
     @staticmethod
-    def _alphas_cumprod(scheduler: SchedulerMixin) -> torch.Tensor:
-        """The float64 bar(alpha) table on the CPU: ddpm_hf's schedulers keep it as ``noise_schedule`` (their public
-        ``alphas_cumprod`` is float32, as in diffusers); diffusers' schedulers have only their float32 table."""
-        schedule = getattr(scheduler, "noise_schedule", None)
-        table = schedule.alphas_cumprod if schedule is not None else scheduler.alphas_cumprod
-        return table.double().cpu()
-
-    @staticmethod
     def _alpha_table(scheduler: SchedulerMixin, timesteps: torch.Tensor) -> torch.Tensor:
         """float64 bar(alpha) at each visited timestep, then at the clean end (the scheduler's final value)."""
-        alphas = DDPMPipeline._alphas_cumprod(scheduler)[timesteps.long().cpu()]
+        alphas = alphas_cumprod_float64(scheduler)[timesteps.long().cpu()]
         final = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", 1.0), dtype=torch.float64).reshape(1)
         return torch.cat([alphas, final.cpu()])
 

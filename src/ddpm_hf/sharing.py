@@ -64,7 +64,7 @@ def remote_code_reasons(unet: ModelMixin | None, scheduler: SchedulerMixin) -> l
     (``num_class_embeds`` set) is never left to it, whatever its scheduler.
     """
     reasons = list(stock_divergences(scheduler))
-    num_class_embeds = getattr(getattr(unet, "config", None), "get", lambda key: None)("num_class_embeds")
+    num_class_embeds = (getattr(unet, "config", None) or {}).get("num_class_embeds")
     if num_class_embeds is not None:
         reasons.append(f"the unet is class-conditional (num_class_embeds={num_class_embeds}) and stock "
                        "DDPMPipeline cannot pass class_labels")
