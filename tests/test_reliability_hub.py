@@ -4,6 +4,7 @@ The training process is separate (tests/fault_injection.py); its HubPusher gets 
 keyword defaults, and huggingface_hub's own per-request backoff runs at 1/100 speed, as in the `hub` fixture.
 """
 
+import re
 import subprocess
 import threading
 import time
@@ -46,7 +47,8 @@ def test_hub_down_then_erroring_then_timing_out_training_finishes_and_final_expo
     watcher.join()
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Could not create Hub repo" in result.stderr  # the outage was seen...
-    assert "retrying in" in result.stderr  # ...and the later failures were retried
+    # ...and the later failures were retried (by huggingface_hub's request retries: the start tries once)
+    assert "Retrying in" in result.stderr
     commits = [path for method, path in hub.requests if method == "POST" and "/commit/" in path]
     assert len(commits) >= 3  # two 500s, then at least one that landed
     landed = hub.files(REPO)
@@ -79,3 +81,19 @@ def test_failed_final_push_exits_nonzero_with_export_intact_and_manual_command(t
                                                                   ).read_bytes()
     assert not [rel for rel in landed if rel.startswith(("checkpoint-", "logs/"))]
     assert (out / "ddpm_hf_run.json").is_file() and "ddpm_hf_run.json" not in landed  # local bookkeeping only
+
+
+def test_unreachable_hub_does_not_hold_up_the_start(training_runner, hub, tmp_path):
+    """With the default retry waits (2, 4, ... 32 s: 62 s in all), the repo creation at the start used to block
+    training for a minute, counted as time to first step. One try now; the push creates the repo later."""
+    out = tmp_path / "out"
+    hub.go_down()
+    watcher = when_file_appears(out / "checkpoint-2", hub.come_up)
+    result = training_runner.run(tiny_train_args(out, 6, *PUSH))  # HubPusher's default retry waits
+    watcher.join()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Could not create Hub repo" in result.stderr and "retrying in" not in result.stderr.split(
+        "Time to first step")[0]
+    first_step = float(re.search(r"Time to first step: ([\d.]+) s", result.stderr).group(1))
+    assert first_step < 30, first_step  # the data and network take a few seconds; 62 s of waits are gone
+    assert hub.files(REPO)["model_index.json"] == (out / "model_index.json").read_bytes()

@@ -178,8 +178,12 @@ class HubPusher:
         self._last_ok: bool | None = None
 
     # ---------------------------------------------------------------- public API
-    def create(self) -> str | None:
+    def create(self, retry: bool = True) -> str | None:
         """Create the repo (``exist_ok=True``) with the requested visibility and return its URL.
+
+        Args:
+            retry: retry an unreachable Hub with backoff (up to ~1 minute by default); False tries once, so that
+                the start of a training run is never held up (each push tries again first).
 
         Returns:
             The repo URL, or ``None`` if the Hub stayed unreachable through every retry (logged; each push then
@@ -190,7 +194,7 @@ class HubPusher:
                 so that a run fails at its start rather than after hours of training.
         """
         try:
-            return self._retrying(self._create_once, "create repo")
+            return self._retrying(self._create_once, "create repo", self.max_attempts if retry else 1)
         except HubPushError:
             raise
         except Exception as err:  # noqa: BLE001 - reported, training goes on
@@ -318,7 +322,8 @@ class HubPusher:
         logger.info(self._scrub(f"Pushed '{message}' to {self.repo_id}: {getattr(info, 'commit_url', info)}"))
         return True
 
-    def _retrying(self, fn, what: str):
+    def _retrying(self, fn, what: str, max_attempts: int | None = None):
+        max_attempts = max_attempts or self.max_attempts
         delay, attempt = self.backoff_s, 1
         while True:
             try:
@@ -326,9 +331,9 @@ class HubPusher:
             except Exception as err:  # noqa: BLE001 - classified below
                 if not is_transient(err):
                     raise HubPushError(self._scrub(f"{what} on {self.repo_id} failed: {_describe(err)}")) from None
-                if attempt >= self.max_attempts:
+                if attempt >= max_attempts:
                     raise
-                logger.warning(self._scrub(f"{what} on {self.repo_id} failed (attempt {attempt}/{self.max_attempts}: "
+                logger.warning(self._scrub(f"{what} on {self.repo_id} failed (attempt {attempt}/{max_attempts}: "
                                            f"{_describe(err)}); retrying in {delay:.1f} s"))
             time.sleep(delay)
             delay, attempt = min(delay * 2, self.max_backoff_s), attempt + 1

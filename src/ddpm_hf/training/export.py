@@ -267,7 +267,7 @@ def start_pusher(run: TrainingRun) -> Any:
     from .. import hub  # attribute access at call time: tests stand a fake pusher in for hub.HubPusher
 
     pusher = hub.HubPusher(repo_id(run), run.args.hub_token, run.args.hub_private_repo, run.args.output_dir)
-    pusher.create()
+    pusher.create(retry=False)  # one try: an unreachable Hub must not hold up the start (each push retries)
     return pusher
 
 
