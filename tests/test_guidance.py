@@ -203,7 +203,7 @@ def test_names_ints_and_tensors_agree_and_one_label_is_for_all():
     pipe = _pipe()
     kwargs = dict(batch_size=3, num_inference_steps=3, guidance_scale=2.0)
     ref = _latents(pipe, class_labels=[2, 2, 2], generator=_gen(), **kwargs)
-    for labels in ("high", 2, ["high"] * 3, torch.tensor(2), torch.tensor([2, 2, 2]), np.int64(2)):
+    for labels in ("high", 2, ["high"] * 3, torch.tensor(2), torch.tensor([2, 2, 2]), np.int64(2), np.array([2] * 3)):
         assert torch.equal(_latents(pipe, class_labels=labels, generator=_gen(), **kwargs), ref), labels
 
 
@@ -213,6 +213,7 @@ def test_names_ints_and_tensors_agree_and_one_label_is_for_all():
     ("seven", ValueError, "unknown class name 'seven'; the classes are 'low', 'mid', 'high'"),
     ([0, 1], ValueError, "2 labels for 3 samples"),
     (torch.tensor([0.0, 1.0, 2.0]), TypeError, "integer"),
+    (np.array([0.5, 1, 2]), TypeError, "integer"),
     (1.5, TypeError, "class_labels must be"),
 ])
 def test_bad_labels_name_the_problem(labels, error, words):
@@ -235,6 +236,8 @@ def test_models_that_cannot_be_guided_refuse_it():
         plain(batch_size=1, num_inference_steps=2, class_labels="mid")
     with pytest.raises(ValueError, match="id2label names 3 classes but unet.config.num_class_embeds is 7"):
         _pipe(num_class_embeds=7)
+    with pytest.raises(ValueError, match="id2label names classes but the unet is not class-conditional"):
+        _pipe(num_class_embeds=None)
     with pytest.raises(ValueError, match="guidance_rescale"):
         _pipe()(batch_size=1, num_inference_steps=2, class_labels=0, guidance_scale=2.0, guidance_rescale=1.5)
     with pytest.raises(ValueError, match="not both"):

@@ -22,6 +22,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .diffusion_math import predict_eps, predict_x0, velocity
@@ -75,7 +76,10 @@ class ClassConditioning:
         num = unet_config.get("num_class_embeds")
         if unet_config.get("class_embed_type") is not None:
             num = None
-        if id2label is not None and num is not None and num not in (len(id2label), len(id2label) + 1):
+        if id2label is not None and num is None:
+            raise ValueError("id2label names classes but the unet is not class-conditional "
+                             "(unet.config.num_class_embeds is None, or class_embed_type is set)")
+        if id2label is not None and num not in (len(id2label), len(id2label) + 1):
             raise ValueError(f"id2label names {len(id2label)} classes but unet.config.num_class_embeds is {num}: "
                              f"it must be {len(id2label)} (conditional) or {len(id2label) + 1} (with the null class)")
         return cls(num, id2label)
@@ -117,8 +121,8 @@ def resolve_class_labels(class_labels: ClassLabels, batch: int, cond: ClassCondi
     """The caller's labels as a ``(batch,)`` int64 CPU tensor (None stays None).
 
     Args:
-        class_labels: an int or a class name (one for all), a list of them, or an integer tensor of shape
-            ``()``, ``(1,)`` or ``(batch,)``.
+        class_labels: an int or a class name (one for all), a list of them, or an integer tensor (or numpy
+            array) of shape ``()``, ``(1,)`` or ``(batch,)``.
         batch: the number of samples.
         cond: the unet's ``ClassConditioning``.
 
@@ -131,6 +135,8 @@ def resolve_class_labels(class_labels: ClassLabels, batch: int, cond: ClassCondi
     if cond.num_class_embeds is None:
         raise ValueError("class_labels were given but the unet is not class-conditional "
                          "(unet.config.num_class_embeds is None)")
+    if isinstance(class_labels, np.ndarray):
+        class_labels = torch.from_numpy(class_labels)
     if torch.is_tensor(class_labels):
         if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.ndim > 1:
             raise TypeError(f"class_labels as a tensor must be integer of shape () or (N,), got {class_labels.dtype} "
