@@ -3,13 +3,15 @@
 For each preset (tiny at batch 8, the DDPM CIFAR-10 net at batch 2) and dtype (fp32; bf16 autocast where the CPU
 has native bf16, "emulated, skipped" otherwise) one interleaved run alternates diffusers', ours (default) and
 ours with ``enable_weight_prepacking()`` (the order reverses every round), same weights and inputs, and in the
-same rounds times every distinct 3x3 convolution shape of the net alone, same dtype (bf16 tensors for bf16),
-both as ``F.conv2d`` and on a packed oneDNN weight with a channels-last input; the best of all of them is the
-limit. It prints the median times, the median per-round ratio diffusers / ours with its spread (min-max over
-rounds), the forward's GFLOP/s (``torch.utils.flop_counter.FlopCounterMode``), the best 3x3 conv's GFLOP/s and
-the fraction of it each forward reaches. Times are per-thread CPU time (``time.thread_time``): on a machine
-shared with other jobs it does not count the time this process waits for a core; ``--clock wall`` uses
-``time.perf_counter`` instead.
+same rounds times every distinct convolution shape the forward runs, alone, same dtype (bf16 tensors for bf16),
+both as ``F.conv2d`` and on a packed oneDNN weight with a channels-last input. The best 3x3 one is the limit.
+
+Printed: median and fastest times, the ratio diffusers / ours of the medians, per round (median and min-max
+spread) and of the fastest rounds (noise on a shared machine only adds time); the forward's GFLOP/s
+(``torch.utils.flop_counter.FlopCounterMode``) as a fraction of the limit; and how long the forward's convs take
+alone, each shape at its own best, as a share of the forward (what bounds the fraction without faster kernels).
+Times are per-thread CPU time (``time.thread_time``), which does not count time spent waiting for a core on a
+shared machine; ``--clock wall`` uses ``time.perf_counter``.
 
 ``--profile`` adds, per net and dtype, a torch.profiler table of the top ops by self CPU time.
 
@@ -158,16 +160,18 @@ def run_case(nets: dict, x, t, dtype: str, flops: int, convs: list, args: argpar
     limit_name, limit = max(((name, f / best[name]) for name, f, _, is_3x3, _ in convs if is_3x3),
                             key=lambda item: item[1])
     floor = sum(count * best[name] for name, _, count, _, _ in convs)
-    print(f"  forward {flops / 1e9:.3f} GFLOP; best 3x3 conv of the net's shapes {limit / 1e9:.0f} GFLOP/s "
-          f"({limit_name}); the forward's {sum(c[2] for c in convs)} convs alone, each shape at its own best: "
-          f"{floor * 1e3:.2f} ms = {flops / floor / limit:.0%} of the best conv's rate")
-    base = statistics.median(times["diffusers"])
+    conv_flops = sum(count * f for _, f, count, _, _ in convs)
+    print(f"  forward {flops / 1e9:.3f} GFLOP ({conv_flops / flops:.0%} in convs); best 3x3 conv of the net's shapes "
+          f"{limit / 1e9:.0f} GFLOP/s ({limit_name}); the forward's {sum(c[2] for c in convs)} convs alone, each "
+          f"shape at its own best: {floor * 1e3:.2f} ms, {conv_flops / floor / limit:.0%} of the best conv's rate")
+    base, base_min = statistics.median(times["diffusers"]), min(times["diffusers"])
     for name in nets:
         ratios = [a / b for a, b in zip(times["diffusers"], times[name])]
-        median = statistics.median(times[name])
-        print(f"  {name:<18} {median * 1e3:8.2f} ms  diffusers/this {base / median:.2f}x, per round "
-              f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f});  {flops / median / 1e9:5.0f} "
-              f"GFLOP/s = {flops / median / limit:.0%} of the best conv; convs alone {floor / median:.0%} of it",
+        median, fastest = statistics.median(times[name]), min(times[name])
+        print(f"  {name:<15} median {median * 1e3:8.2f} ms, min {fastest * 1e3:8.2f} ms; diffusers/this: medians "
+              f"{base / median:.2f}x, per round {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}),"
+              f" mins {base_min / fastest:.2f}x; {flops / median / 1e9:4.0f} GFLOP/s = {flops / median / limit:.0%} "
+              f"of the best conv (mins {flops / fastest / limit:.0%}); convs alone {floor / median:.0%} of it",
               flush=True)
 
 
