@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib.util
+import json
 import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from accelerate.utils import PrecisionType
+from accelerate.utils import LoggerType, PrecisionType
 from diffusers.optimization import SchedulerType
 from transformers import HfArgumentParser
 
@@ -176,15 +179,51 @@ def parse_args(argv: list[str]) -> tuple[DataArguments, ModelArguments, Training
     """
     parser = HfArgumentParser(ARGUMENT_GROUPS, exit_on_error=False)
     try:
-        if len(argv) == 1 and argv[0].endswith(".json"):
-            parsed = parser.parse_json_file(os.path.abspath(argv[0]))
+        if argv and argv[0].endswith(".json"):
+            parsed = _parse_json(parser, argv)
         else:
+            _check_flag_names(parser, argv)
             parsed = parser.parse_args_into_dataclasses(args=argv)
     except argparse.ArgumentError as err:  # a flag the parser rejects: its message names the flag and the choices
         raise ValueError(str(err)) from None
     data_args, model_args, train_args = parsed
     validate(data_args, model_args, train_args)
     return data_args, model_args, train_args
+
+
+def _parse_json(parser: HfArgumentParser, argv: list[str]) -> tuple:
+    """The argument groups from the JSON file ``argv[0]``; errors name the file."""
+    path = argv[0]
+    if len(argv) > 1:
+        raise ValueError(f"a JSON config ({path}) cannot be combined with flags ({' '.join(argv[1:])}): put them "
+                         "into the file, or give flags only")
+    try:
+        return parser.parse_json_file(os.path.abspath(path))
+    except FileNotFoundError:
+        raise ValueError(f"config file {path!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+    except ValueError as err:  # keys that are no flag
+        raise ValueError(f"config file {path}: {err}") from None
+
+
+def _check_flag_names(parser: HfArgumentParser, argv: list[str]) -> None:
+    """An unknown ``--flag`` is named with the closest known ones (argparse would only list it as unused)."""
+    known = [option for option in parser._option_string_actions if option.startswith("--")]
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name not in known:
+            close = difflib.get_close_matches(name, [k for k in known if "-" not in k[2:]], n=2)  # no dash aliases
+            hint = f" (did you mean {' or '.join(close)}?)" if close else " (see --help)"
+            raise ValueError(f"unknown flag {name}{hint}")
+
+
+def _check_logger(name: str) -> None:
+    """``--logger`` names an accelerate tracker whose package is installed (accelerate would only warn)."""
+    check_choice("--logger", name, ("none",) + tuple(t.value for t in LoggerType))
+    if name not in ("none", "all") and importlib.util.find_spec(name) is None:
+        raise ValueError(f"--logger {name} needs the {name} package, which is not installed: pip install {name} "
+                         "(or pass --logger none)")
 
 
 def validate(data: DataArguments, model: ModelArguments, train: TrainingArguments) -> None:
@@ -208,6 +247,7 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
         if value is not None:
             check_int(name, value, 1)
     check_int("--dataloader_num_workers", data.dataloader_num_workers, 0)
+    _check_logger(train.logger)
     if train.checkpointing_minutes is not None:
         check_real("--checkpointing_minutes", train.checkpointing_minutes, 0, float("inf"), high_open=True)
     if train.overwrite_output_dir and train.resume_from_checkpoint is not None:
