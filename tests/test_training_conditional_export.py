@@ -86,7 +86,7 @@ def test_eval_measures_per_class_and_push_sends_the_export(tmp_path, monkeypatch
         def __init__(self, repo_id, token, private, folder, **kwargs):
             calls.append(("init", repo_id, private))
 
-        def create(self):
+        def create(self, **kwargs):
             calls.append(("create",))
 
         def push(self, message):
