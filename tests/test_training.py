@@ -305,8 +305,8 @@ def test_hub_push_honours_private_and_eval_reaches_the_card(tmp_path, monkeypatc
         def __init__(self, repo_id, token, private, folder, **kwargs):
             calls.append(("init", repo_id, token, private, folder))
 
-        def create(self):
-            calls.append(("create",))
+        def create(self, retry=True):
+            calls.append(("create", retry))
 
         def push(self, message):
             calls.append(("push", message))
@@ -325,7 +325,8 @@ def test_hub_push_honours_private_and_eval_reaches_the_card(tmp_path, monkeypatc
                   hub_token="hf_SECRET123", eval="true", eval_num_samples=4)
     out = str(tmp_path / "out")
     assert calls[0] == ("init", "me/digits", "hf_SECRET123", True, out)
-    assert calls[1] == ("create",) and calls[-1] == ("push", "Step 3 (final)")
+    # one try at the start (an unreachable Hub must not hold it up); pushes retry
+    assert calls[1] == ("create", False) and calls[-1] == ("push", "Step 3 (final)")
     # --eval on the built-in digits compares with the 450 digits of the held-out test split
     assert metrics["fid_digits"] == 1.25 and metrics["real_shape"] == [450, 1, 8, 8]
     for root, _, files in os.walk(out):

@@ -47,3 +47,28 @@ def test_json_config_with_flags_is_refused_saying_so(training_runner, tmp_path):
     path.write_text('{"seed": 1}')
     line = one_line_error(training_runner.run([str(path), "--seed", "2"]))
     assert f"a JSON config ({path}) cannot be combined with flags (--seed 2)" in line, line
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about(training_runner, tmp_path):
+    args = tiny_train_args(tmp_path / "short", 3)
+    args[args.index("--lr_warmup_steps") + 1] = "100"
+    result = training_runner.run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # linear warmup: after 3 of 100 steps the LR is 3/100 of the peak 2e-3
+    assert ("WARNING ddpm_hf.train: --lr_warmup_steps 100 is not below the run's 3 optimizer steps: the learning "
+            "rate never reaches --learning_rate 0.002 (it ends at 6e-05)") in result.stderr, result.stderr[-3000:]
+    fine = training_runner.run(tiny_train_args(tmp_path / "fine", 3))  # 1 warmup step
+    assert fine.returncode == 0 and "--lr_warmup_steps" not in fine.stderr
+
+
+def test_final_export_grid_and_evaluation_are_logged_with_durations(training_runner, tmp_path):
+    """The minutes after the last step are no longer silent: each phase is logged as it starts and ends."""
+    result = training_runner.run(tiny_train_args(tmp_path / "out", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line.split(": ", 1)[1] for line in result.stderr.splitlines() if " INFO ddpm_hf.train: " in line]
+    phases = [f"Export to {tmp_path / 'out'}", "Sample grid (DDIM, 2 steps)"]
+    for what in phases:
+        assert f"{what} ..." in lines, lines
+        done = [line for line in lines if line.startswith(f"{what} done in ")]
+        assert len(done) == 1 and float(done[0].split(" done in ")[1].rstrip(" s")) >= 0, lines
+    assert lines.index(f"{phases[0]} ...") < lines.index(f"{phases[1]} ...")

@@ -8,12 +8,14 @@ EMA), ``unet_raw/`` the trained ones.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import shutil
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -222,16 +224,30 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], pusher: Any = None,
     """
     pipeline = build_pipeline(run)
     sampler = sampling_pipeline(run, pipeline)
-    evaluation = evaluate_run(run, sampler, pipeline) if final and run.args.eval else None
-    if evaluation is not None:
+    evaluation = None
+    if final and run.args.eval:
+        with phase(f"Evaluation (--eval: {run.args.eval_num_samples} samples)"):
+            evaluation = evaluate_run(run, sampler, pipeline)
         metrics.update(evaluation.results)
-    save_export(run, pipeline)
-    grid = sample_grid(sampler, run.model_args.ddpm_num_inference_steps, seed=run.args.seed, **grid_request(run))
-    grid.save(os.path.join(run.args.output_dir, GRID_FILENAME))
+    with phase(f"Export to {run.args.output_dir}"):
+        save_export(run, pipeline)
+    steps = run.model_args.ddpm_num_inference_steps
+    with phase(f"Sample grid ({run.model_args.grid_sampler.upper()}, {steps} steps)"):
+        grid = sample_grid(sampler, steps, seed=run.args.seed, **grid_request(run))
+        grid.save(os.path.join(run.args.output_dir, GRID_FILENAME))
     metrics["wall_time_minutes"] = run.clock.total_s() / 60  # the card's time includes this export
     write_card(run, metrics, evaluation)
     if pusher is not None:
         pusher.push(f"Step {run.progress.global_step}" + (" (final)" if final else ""))
+
+
+@contextlib.contextmanager
+def phase(what: str) -> Iterator[None]:
+    """Log ``what`` as it starts and, with its duration, as it ends (these steps take seconds to minutes)."""
+    logger.info("%s ...", what)
+    started = time.perf_counter()
+    yield
+    logger.info("%s done in %.1f s", what, time.perf_counter() - started)
 
 
 class PeriodicOutputs:

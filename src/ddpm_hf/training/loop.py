@@ -160,6 +160,7 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
                disable=not run.accelerator.is_local_main_process, desc="train")
     window = _LogWindow(torch.zeros((), device=run.accelerator.device))
     timer = CheckpointTimer(run.args.checkpointing_minutes)
+    _warn_if_warmup_never_ends(run)
     for observer in observers:
         observer.on_train_start(progress.global_step)
     run.model.train()
@@ -219,6 +220,17 @@ def _groups(run: TrainingRun) -> Iterator[_Group]:
         if last_in_group:
             yield group
             group = None
+
+
+def _warn_if_warmup_never_ends(run: TrainingRun) -> None:
+    """A run no longer than its LR warmup never trains at ``--learning_rate`` (its samples stay noise): say so."""
+    args = run.args
+    if args.lr_scheduler == "constant" or args.lr_warmup_steps < run.max_steps or not run.accelerator.is_main_process:
+        return  # diffusers' "constant" schedule has no warmup
+    logger.warning("--lr_warmup_steps %d is not below the run's %d optimizer steps: the learning rate never reaches "
+                   "--learning_rate %g (it ends at %.3g). Lower --lr_warmup_steps (e.g. to %d) or train longer",
+                   args.lr_warmup_steps, run.max_steps, args.learning_rate,
+                   args.learning_rate * run.max_steps / max(args.lr_warmup_steps, 1), max(run.max_steps // 10, 1))
 
 
 def _save(run: TrainingRun, step: int, timer: CheckpointTimer | None = None) -> str:
