@@ -164,6 +164,19 @@ def test_bf16_autocast_and_bf16_weights_packed():
     assert rel_err(auto, reference) < 0.05 and rel_err(cast, reference) < 0.1  # bf16: 8 mantissa bits
 
 
+def test_dtype_mismatch_still_refused():
+    """Without autocast a bf16 input to an fp32 conv is an error on the plain path; the packed path must agree."""
+    conv = PackableConv2d(8, 8, kernel_size=3, padding=1)
+    conv.prepack = True
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        assert conv.uses_pack(x)
+        with pytest.raises(RuntimeError):
+            F.conv2d(x.bfloat16(), conv.weight, conv.bias, padding=1)
+        with pytest.raises(RuntimeError):
+            conv(x.bfloat16())
+
+
 def test_packed_fused_upsampling_equals_upsample_then_conv():
     torch.manual_seed(3)
     up = UpsampleConv(6)

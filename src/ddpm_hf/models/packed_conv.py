@@ -43,11 +43,8 @@ class PackCache(dict):
         return PackCache, ()
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype ``F.conv2d`` would compute in: bf16 under CPU bf16 autocast, else the input's."""
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        return torch.bfloat16
-    return x.dtype
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 class PackableConv2d(nn.Conv2d):
@@ -73,14 +70,16 @@ class PackableConv2d(nn.Conv2d):
 
     def uses_pack(self, x: torch.Tensor) -> bool:
         """Whether this call can run on the packed weight (see the module docstring)."""
+        # Without autocast the input must already have the weight's dtype: F.conv2d refuses a mismatch, and so
+        # must this path rather than cast the weight silently.
         return (self.prepack and not torch.is_grad_enabled() and x.is_cpu and self.groups == 1
                 and self.padding_mode == "zeros" and tuple(self.dilation) == (1, 1)
-                and _compute_dtype(x) in _PACKABLE_DTYPES and torch.backends.mkldnn.is_available()
-                and not torch.compiler.is_compiling())
+                and (_autocast_bf16() or (x.dtype == self.weight.dtype and x.dtype in _PACKABLE_DTYPES))
+                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
     def packed_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution on the packed weight (packing it first if it is missing or stale); channels-last out."""
-        dtype = _compute_dtype(x)
+        dtype = torch.bfloat16 if _autocast_bf16() else x.dtype  # what F.conv2d would compute in
         kernel, bias, padding, stride = self.packing_geometry()
         stamp = (self.weight.data_ptr(), self.weight._version,
                  None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
