@@ -110,6 +110,7 @@ class UNet2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _prepack = False  # see enable_weight_prepacking; a class default also covers models pickled before it existed
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
@@ -160,7 +161,6 @@ class UNet2DModel(ModelMixin, ConfigMixin):
         self._center_input_sample = center_input_sample
         self._fourier = time_embedding_type == "fourier"
         self._class_labels_as_timesteps = class_embed_type == "timestep"
-        self._prepack = False
 
         resnet_kwargs = dict(temb_channels=time_embed_dim, groups=norm_num_groups, eps=norm_eps, dropout=dropout,
                              act_fn=act_fn, time_scale_shift=resnet_time_scale_shift)
