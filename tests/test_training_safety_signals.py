@@ -86,6 +86,18 @@ def test_signal_saves_a_checkpoint_and_resume_is_bit_identical(tmp_path, straigh
         assert_same_tensors(state[key], straight[1][key])
 
 
+def test_ctrl_c_before_the_loop_is_a_one_line_abort(tmp_path):
+    """While the data and network are being built (no handler yet): no traceback, status 130, nothing saved."""
+    run = Watched([sys.executable, SCRIPT] + tiny_flags(tmp_path, **COMMON), _env())
+    run.wait_for("num_processes=")  # logged before the data are loaded (seconds before the first step)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 130, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "Time to first step" not in run.stderr, run.stderr[-3000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("error: aborted by Ctrl-C; nothing was saved since the "
+                                                          "last checkpoint")
+    assert list_checkpoints(str(tmp_path / "out")) == []
+
+
 def test_a_second_ctrl_c_aborts_at_once_and_a_forwarded_copy_does_not():
     """The handler the loop installs: a second SIGINT a second later raises; a copy within the second (a
     launcher forwarding the same Ctrl-C) and a later SIGTERM are ignored; old handlers come back on exit."""

@@ -330,9 +330,12 @@ def _stop_on_nonfinite(run: TrainingRun, group: _Group) -> None:
         f"batch {group.start}). Likely causes: a learning rate too high for this model (--learning_rate), "
         "fp16 overflow (try --mixed_precision bf16 or no), NaN/inf in the input data, or a --snr_gamma / "
         "--prediction_type combination that divides by a zero SNR. "
-        + (f"The last good state is saved as {saved}; fix the cause and rerun with --resume_from_checkpoint latest, "
-           if saved else "No step had completed, so there is nothing to save; ")
-        + "or pass --skip_nonfinite_steps to skip such steps."
+        + (f"The last good state is saved as {saved}: --resume_from_checkpoint latest --skip_nonfinite_steps true "
+           "continues from it skipping such steps (a checkpoint resumes only under the settings that wrote it, so "
+           "after changing --learning_rate, the precision or the data, start a new run with "
+           "--overwrite_output_dir true or another --output_dir)."
+           if saved else "No step had completed, so there is nothing to save; fix the cause, or pass "
+           "--skip_nonfinite_steps to skip such steps.")
     )
 
 
