@@ -104,5 +104,5 @@ def test_eval_measures_per_class_and_push_sends_the_export(tmp_path, monkeypatch
     assert metrics["classifier_accuracy_real"] > 0.9
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "Conditional accuracy (the digits classifier names the requested class)" in readme
-    assert "Classifier accuracy on real images (the ceiling" in readme
+    assert "Classifier accuracy on real images (reference for the conditional accuracy)" in readme
     assert "FID, digits features, per class (class order)" in readme
