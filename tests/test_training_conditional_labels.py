@@ -106,3 +106,15 @@ def test_an_image_folder_without_class_sub_folders_names_the_missing_column(tmp_
         Image.fromarray(np.full((8, 8), 9 * i, np.uint8)).save(tmp_path / "flat" / f"{i}.png")
     with pytest.raises(ValueError, match="--label_column 'label' is not a column .*one sub-folder per class"):
         build_train_dataset(conditional(train_data_dir=str(tmp_path / "flat")))
+
+
+def test_the_log_says_the_labels_are_trained_on(caplog):
+    import logging
+
+    from ddpm_hf.training.components import log_dataset
+
+    with caplog.at_level(logging.INFO, logger="ddpm_hf.train"):
+        log_dataset(build_train_dataset(conditional()))
+    assert "Class-conditional: 10 classes from label column 'target' (0, 1, 2, 3, 4, 5, 6, 7, 8, 9); the null " \
+           "class is 10" in caplog.text
+    assert "ignored" not in caplog.text
