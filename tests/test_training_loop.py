@@ -62,3 +62,37 @@ def test_the_parts_assemble_into_a_run_with_observers(tmp_path):
     assert recorder.events == [("start", 0), (1, 100), (2, 100), (3, 100), ("end",)]
     assert ends == [1, 2, 3] and metrics["global_step"] == 3
     assert (tmp_path / "out" / "model_index.json").is_file() and (tmp_path / "out" / "checkpoint-3").is_dir()
+
+
+def test_a_signal_at_the_last_step_stops_after_the_final_checkpoint_before_the_export(tmp_path):
+    """SIGTERM while the last step's hook runs: the final checkpoint is written, then the loop stops (no export,
+    which can take minutes), status 143, and the previous handler is back."""
+    import signal
+
+    import pytest
+    from test_training import tiny_flags, train_state_reset
+
+    from ddpm_hf.checkpointing import RunClock, list_checkpoints
+    from ddpm_hf.data import build_train_dataset
+    from ddpm_hf.training import build_run, parse_args, prepare_output_dir, setup_accelerator, train_loop
+    from ddpm_hf.training.interrupts import TrainingInterrupted
+
+    def on_step_end(step, metrics):
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        data_args, model_args, args = parse_args(tiny_flags(tmp_path, max_train_steps=3, train_batch_size=100))
+        accelerator = setup_accelerator(args)
+        run = build_run(accelerator, build_train_dataset(data_args, seed=args.seed), data_args, model_args, args,
+                        RunClock())
+        prepare_output_dir(run)
+        with pytest.raises(TrainingInterrupted, match="interrupted by SIGTERM after optimizer step 3 of 3") as caught:
+            train_loop(run, on_step_end=on_step_end)
+    finally:
+        train_state_reset()
+    assert caught.value.exit_code == 143
+    assert [step for step, _ in list_checkpoints(str(tmp_path / "out"))] == [3]
+    assert not (tmp_path / "out" / "model_index.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == before

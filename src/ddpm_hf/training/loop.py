@@ -184,10 +184,12 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
                     on_step_end(step, metrics)
                 if step >= run.max_steps:
                     break
-    for observer in observers:
-        observer.on_train_end()
-    bar.close()
-    _save(run, progress.global_step, timer)
+        for observer in observers:
+            observer.on_train_end()
+        bar.close()
+        _save(run, progress.global_step, timer)  # still inside: a signal now stops before the export
+        if stop.requested:
+            _interrupted(run, stop.signum, progress.global_step)
     metrics.update(global_step=progress.global_step, wall_time_minutes=run.clock.total_s() / 60,
                    skipped_nonfinite_steps=progress.skipped_nonfinite, num_processes=run.accelerator.num_processes)
     return metrics
