@@ -6,8 +6,11 @@ Trains a class-conditional digits model with the default recipe (`training/train
 class of the held-out test split with DDIM at ``--steps`` steps for each guidance scale and scores the samples
 with `ddpm_hf.evaluate.evaluate_conditional` (the digits classifier's agreement with the requested class, beside
 its accuracy on the real test digits, the ceiling; FID in the classifier's features against the test digits,
-with the real-vs-real floor at the same counts). At the most accurate w the evaluation is repeated with
-``--repeats`` seeds (another per-class split and other noise) to give the floor's band.
+with the real-vs-real floor at the same counts). The best w is the one with the lowest FID among those reaching
+the target accuracy (0.97), else the most accurate; there the evaluation is repeated with ``--repeats`` seeds
+(another per-class split and other noise) to give the floor's band. The classifier's accuracy on the real test
+digits is printed beside the samples' for reference: guided samples, more prototypical than real digits, can
+exceed it.
 
     python benchmarks/cfg_sweep.py --out benchmarks/results [--model EXPORT] [--work /tmp/cfg_sweep]
 
@@ -27,7 +30,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(ROOT, "training", "train.py")
-SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
+SCALES = (0.0, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0)  # the issue's six, and 1.25 where accuracy and FID cross
+TARGET_ACCURACY = 0.97
 
 
 def train(work: str) -> tuple[str, float]:
@@ -62,7 +66,7 @@ def sampler(export: str):
 
 
 def evaluate(pipeline, scale: float, steps: int, seed: int) -> dict:
-    from ddpm_hf.evaluate import digits_real_images, evaluate_conditional  # first: it imports class_metrics
+    from ddpm_hf.evaluate import digits_real_images, evaluate_conditional
     from ddpm_hf.class_metrics import digits_real_labels
 
     size = pipeline.unet.config.sample_size
@@ -79,9 +83,10 @@ def table(rows: list[dict], band: dict, header: list[str]) -> str:
         lines.append(f"| {r['guidance_scale']:g} | {r['nfe_per_sample']:.0f} | {r['conditional_accuracy']:.4f} | "
                      f"{r['fid_digits']:.3f} | {r['fid_digits_floor']:.3f} | "
                      f"{r['fid_digits'] - r['fid_digits_floor']:+.3f} |")
-    lines += ["", f"Classifier accuracy on the real test digits (the ceiling): "
+    lines += ["", f"Classifier accuracy on the real test digits (for reference; guided samples can exceed it): "
                   f"{rows[0]['classifier_accuracy_real']:.4f}.", "",
-              f"At w = {band['w']:g}, {len(band['fid'])} seeds (split and noise): conditional accuracy "
+              f"Best w (lowest FID among those with accuracy >= {TARGET_ACCURACY}, else the most accurate): "
+              f"w = {band['w']:g}, {len(band['fid'])} seeds (split and noise): conditional accuracy "
               f"{min(band['accuracy']):.4f}-{max(band['accuracy']):.4f}, FID {min(band['fid']):.3f}-"
               f"{max(band['fid']):.3f}, floor band {min(band['floor']):.3f}-{max(band['floor']):.3f}."]
     return "\n".join(lines) + "\n"
@@ -96,7 +101,7 @@ def plot(rows: list[dict], band: dict, path: str) -> None:
     w = [r["guidance_scale"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(w, [r["conditional_accuracy"] for r in rows], "o-", label="samples")
-    left.axhline(rows[0]["classifier_accuracy_real"], color="grey", ls="--", label="real digits (ceiling)")
+    left.axhline(rows[0]["classifier_accuracy_real"], color="grey", ls="--", label="real test digits")
     left.set(xlabel="guidance scale w", ylabel="conditional accuracy", title="Classifier agrees with the label")
     left.legend(loc="lower right")
     right.plot(w, [r["fid_digits"] for r in rows], "o-", label="samples")
@@ -142,10 +147,12 @@ def main() -> None:
         start = time.perf_counter()
         rows.append(evaluate(pipeline, scale, args.steps, args.seed))
         r = rows[-1]
-        print(f"w={scale:g}: accuracy {r['conditional_accuracy']:.4f} (ceiling {r['classifier_accuracy_real']:.4f}), "
+        print(f"w={scale:g}: accuracy {r['conditional_accuracy']:.4f} (real {r['classifier_accuracy_real']:.4f}), "
               f"FID {r['fid_digits']:.3f} (floor {r['fid_digits_floor']:.3f}), NFE/sample {r['nfe_per_sample']}, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-    best = max(rows, key=lambda r: (r["conditional_accuracy"], -r["fid_digits"]))
+    reaching = [r for r in rows if r["conditional_accuracy"] >= TARGET_ACCURACY]
+    best = (min(reaching, key=lambda r: r["fid_digits"]) if reaching
+            else max(rows, key=lambda r: (r["conditional_accuracy"], -r["fid_digits"])))
     repeats = [best] + [evaluate(pipeline, best["guidance_scale"], args.steps, args.seed + k)
                         for k in range(1, args.repeats)]
     band = {"w": best["guidance_scale"], "accuracy": [r["conditional_accuracy"] for r in repeats],

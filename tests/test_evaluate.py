@@ -17,7 +17,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 import ddpm_hf
-from ddpm_hf import evaluate
+from ddpm_hf import evaluate, features
 from ddpm_hf.evaluate import (
     class_statistics,
     digits_real_images,
@@ -64,7 +64,7 @@ def test_split_is_fixed_stratified_and_disjoint():
 
 def test_digits_classifier_is_accurate_on_the_test_split():
     model = load_digits_classifier()
-    images, labels = evaluate._digits_8x8("test")
+    images, labels = features._digits_8x8("test")
     upscaled = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
     with torch.no_grad():
         for x in (images, upscaled, upscaled.expand(-1, 3, -1, -1)):
@@ -72,10 +72,10 @@ def test_digits_classifier_is_accurate_on_the_test_split():
 
 
 def test_classifier_cache_round_trip_and_corrupt_cache(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(evaluate.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(features.CACHE_ENV, str(tmp_path))
     with torch.inference_mode():  # a cold cache must train even under inference mode (evaluate_pipeline's)
         first = load_digits_classifier()
-    cached = tmp_path / evaluate._CLASSIFIER_FILE
+    cached = tmp_path / features._CLASSIFIER_FILE
     assert cached.is_file()
     second = load_digits_classifier()
     for name, tensor in first.state_dict().items():
@@ -267,20 +267,20 @@ def test_inception_features_from_a_local_torchscript_file(digits, tmp_path, monk
     # constant images survive any resize exactly: the network must see 3 channels of the 8-bit value
     # round((c + 1) * 127.5) a saved PNG would hold (pytorch-fid's convention)
     levels = torch.tensor([-1.0, -0.5, 0.0, 1.0])
-    features = evaluate.inception_features(str(path))(levels.view(4, 1, 1, 1).expand(4, 1, 16, 16))
+    extracted = features.inception_features(str(path))(levels.view(4, 1, 1, 1).expand(4, 1, 16, 16))
     expected = torch.tensor([0.0, 64.0, 128.0, 255.0], dtype=torch.float64)
-    assert torch.allclose(features.double(), torch.stack([expected, torch.zeros(4), expected], 1), atol=1e-4)
-    monkeypatch.setenv(evaluate.INCEPTION_ENV, str(path))
+    assert torch.allclose(extracted.double(), torch.stack([expected, torch.zeros(4), expected], 1), atol=1e-4)
+    monkeypatch.setenv(features.INCEPTION_ENV, str(path))
     metrics = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=20,
                                 num_bpd_images=0)
     assert metrics["fid_inception"] > metrics["fid_inception_floor"] >= 0.0 and "fid_digits" in metrics
 
 
 def test_missing_inception_weights_name_the_file_and_auto_skips_inception(digits, tmp_path, monkeypatch):
-    monkeypatch.setenv(evaluate.INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
+    monkeypatch.setenv(features.INCEPTION_ENV, str(tmp_path / "nowhere.pt"))
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], feature_extractor="inception")
-    monkeypatch.delenv(evaluate.INCEPTION_ENV)
+    monkeypatch.delenv(features.INCEPTION_ENV)
     auto = evaluate_pipeline(ReplayPipeline(digits["test"]), digits["train"][:40], num_samples=8, num_bpd_images=0)
     assert "fid_inception" not in auto and "fid_digits" in auto and "kid_digits" in auto
 

@@ -3,7 +3,7 @@
 ``evaluate_conditional`` asks the pipeline for ``num_per_class`` images of every class of the real set (with
 ``class_labels`` and ``guidance_scale``) and measures
 
-* **conditional accuracy**: how often the digits classifier (``evaluate.load_digits_classifier``) names the
+* **conditional accuracy**: how often the digits classifier (``features.load_digits_classifier``) names the
   requested class (class index = digit), beside the classifier's accuracy on the real images, the ceiling;
 * **FID** overall and per class against the real images, each with its **floor** (the same distance between two
   halves of the real images at the same counts): the real set is split per class into halves A and B, samples
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .data import digits_split_indices
-from .evaluate import FeatureFn, _batched, _feature_fns, _phase, _progress, load_digits_classifier
+from .features import FeatureFn, batched, feature_fns, load_digits_classifier, phase, progress
 from .fid import distances
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def generate_classes(pipeline, labels: torch.Tensor, batch_size: int, generator:
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=True)
     batches = []
-    for start in _progress(range(0, len(labels), batch_size), "sampling"):
+    for start in progress(range(0, len(labels), batch_size), "sampling"):
         y = labels[start : start + batch_size]
         out = pipeline(batch_size=len(y), generator=generator, output_type="np", class_labels=y, **call_kwargs)
         batches.append(torch.from_numpy(np.asarray(out.images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1)
@@ -122,7 +122,7 @@ def evaluate_conditional(pipeline, real_images: torch.Tensor, real_labels: torch
     _check(real_images, real_labels, num_per_class, batch_size)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     classifier = load_digits_classifier()
-    fns = _feature_fns(feature_extractor, classifier, inception_weights)
+    fns = feature_fns(feature_extractor, classifier, inception_weights)
     real, labels = real_images.float().cpu(), real_labels.long().cpu()
     halves = split_per_class(labels, generator)
     classes = sorted(halves)
@@ -135,13 +135,13 @@ def evaluate_conditional(pipeline, real_images: torch.Tensor, real_labels: torch
     if num_inference_steps is not None:
         call["num_inference_steps"] = num_inference_steps
     counter = _RowCounter(getattr(pipeline, "unet", None))
-    with _phase(f"sampling {n} images for each of {len(classes)} classes at guidance {guidance_scale}"):
+    with phase(f"sampling {n} images for each of {len(classes)} classes at guidance {guidance_scale}"):
         try:
             fake = generate_classes(pipeline, requested, batch_size, generator, **call)
         finally:
             counted = counter.close()
-    correct = _batched(classifier, fake, batch_size).argmax(-1) == requested
-    real_correct = _batched(classifier, real, batch_size).argmax(-1) == labels
+    correct = batched(classifier, fake, batch_size).argmax(-1) == requested
+    real_correct = batched(classifier, real, batch_size).argmax(-1) == labels
     metrics: dict[str, Any] = {
         "conditional_accuracy": correct.double().mean().item(),
         "conditional_accuracy_per_class": [correct[requested == c].double().mean().item() for c in classes],
@@ -150,7 +150,7 @@ def evaluate_conditional(pipeline, real_images: torch.Tensor, real_labels: torch
         "classes": classes, "num_per_class": n, "num_real_b_per_class": [len(halves[c][1]) for c in classes],
         "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale,
     }
-    with _phase("FID overall and per class"):
+    with phase("FID overall and per class"):
         for name, fn in fns.items():
             metrics.update(_fids(name, fn, fake, requested, real, halves, n, batch_size))
     return metrics
@@ -159,7 +159,7 @@ def evaluate_conditional(pipeline, real_images: torch.Tensor, real_labels: torch
 def _fids(name: str, fn: FeatureFn, fake: torch.Tensor, requested: torch.Tensor, real: torch.Tensor,
           halves: dict[int, tuple[torch.Tensor, torch.Tensor]], n: int, batch_size: int) -> dict[str, Any]:
     """FID and floor overall (all classes against all of B) and per class (class c against B's class c)."""
-    fake_f, real_f = _batched(fn, fake, batch_size), _batched(fn, real, batch_size)
+    fake_f, real_f = batched(fn, fake, batch_size), batched(fn, real, batch_size)
     b_all = torch.cat([b for _, b in halves.values()])
     a_all = torch.cat([a[:n] for a, _ in halves.values()])
     out = {f"fid_{name}": distances(fake_f, real_f[b_all], kid=False)["fid"],

