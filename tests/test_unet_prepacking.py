@@ -164,6 +164,16 @@ def test_bf16_autocast_and_bf16_weights_packed():
     assert rel_err(auto, reference) < 0.05 and rel_err(cast, reference) < 0.1  # bf16: 8 mantissa bits
 
 
+def test_compiles_to_one_graph_with_prepacking_on():
+    """Under torch.compile the plain path is traced (Inductor does its own packing); one graph, same outputs."""
+    theirs, ours, x, t = pair(TINY)
+    ours.enable_weight_prepacking()
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert rel_err(compiled(x, t).sample, theirs(x, t).sample) < 1e-5
+
+
 def test_dtype_mismatch_still_refused():
     """Without autocast a bf16 input to an fp32 conv is an error on the plain path; the packed path must agree."""
     conv = PackableConv2d(8, 8, kernel_size=3, padding=1)

@@ -31,6 +31,7 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # maps), so only weights whose per-call reorder costs more than that are packed: 3x3 (or the 2x2 phase) kernels
 # of at least this many elements (64 -> 64 channels 3x3 and up). 1x1 convs measured slower packed at every size.
 MIN_PACKED_WEIGHT = 32768
+_MKLDNN = torch.backends.mkldnn.is_available()
 
 
 class PackCache(dict):
@@ -72,10 +73,11 @@ class PackableConv2d(nn.Conv2d):
         """Whether this call can run on the packed weight (see the module docstring)."""
         # Without autocast the input must already have the weight's dtype: F.conv2d refuses a mismatch, and so
         # must this path rather than cast the weight silently.
-        return (self.prepack and not torch.is_grad_enabled() and x.is_cpu and self.groups == 1
-                and self.padding_mode == "zeros" and tuple(self.dilation) == (1, 1)
+        # is_compiling() first: Dynamo must not trace the rest (it refuses to trace mkldnn.is_available).
+        return (self.prepack and not torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.is_cpu
+                and self.groups == 1 and self.padding_mode == "zeros" and tuple(self.dilation) == (1, 1)
                 and (_autocast_bf16() or (x.dtype == self.weight.dtype and x.dtype in _PACKABLE_DTYPES))
-                and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
+                and _MKLDNN)
 
     def packed_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution on the packed weight (packing it first if it is missing or stale); channels-last out."""
