@@ -71,8 +71,9 @@ class ModelArguments:
     ddpm_beta_schedule: str = field(default="linear", metadata=_choices(dm.BETA_SCHEDULES, "The beta schedule."))
     ddpm_num_inference_steps: int = field(default=50, metadata={"help": "Sampling steps for grids and --eval."})
     grid_sampler: str = field(default="ddim", metadata=_choices(GRID_SAMPLERS, "The sampler of grids and --eval."))
-    guidance_scale: float = field(default=2.0, metadata={"help": "Classifier-free guidance scale w of the grid and "
-                                  "--eval of a class-conditional model (1: the conditional model alone)."})
+    guidance_scale: float = field(default=1.25, metadata={"help": "Classifier-free guidance scale w of the grid and "
+                                  "--eval of a class-conditional model (1: the conditional model alone; 1.25: the "
+                                  "best of benchmarks/results/cfg_sweep.md)."})
 
 
 @dataclass
@@ -260,6 +261,7 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
     if model.ddpm_num_inference_steps > model.ddpm_num_steps:
         raise ValueError(f"--ddpm_num_inference_steps ({model.ddpm_num_inference_steps}) must not exceed "
                          f"--ddpm_num_steps ({model.ddpm_num_steps})")
+    check_real("--guidance_scale", model.guidance_scale, 0, float("inf"), low_open=False, high_open=True)
     check_int("--seed", train.seed, 0)
     if train.seed > 2**32 - 1:  # accelerate's set_seed seeds numpy, whose seeds are 32-bit
         raise ValueError(f"--seed must be at most 2**32 - 1 = {2**32 - 1}, got {train.seed}")
@@ -284,8 +286,8 @@ def _check_optimisation(train: TrainingArguments) -> None:
     if train.max_grad_norm is not None:
         check_real("--max_grad_norm", train.max_grad_norm, 0, inf, high_open=True)
     if train.snr_gamma is not None:
-    check_real("--guidance_scale", model.guidance_scale, 0, float("inf"), low_open=False, high_open=True)
         check_real("--snr_gamma", train.snr_gamma, 0, inf, low_open=False, high_open=True)
+    check_real("--cond_drop_prob", train.cond_drop_prob, 0, 1, low_open=False, high_open=True)
 
 
 def _check_choices(arguments: object) -> None:
@@ -310,7 +312,6 @@ def _fits(value: object, option: type) -> bool:
         return is_bool(value)
     if option is int:
         return is_int(value)
-    check_real("--cond_drop_prob", train.cond_drop_prob, 0, 1, low_open=False, high_open=True)
     if option is float:
         return is_real(value)
     return isinstance(value, option) and not is_bool(value)
