@@ -108,7 +108,8 @@ def plot(rows: list[dict], band: dict, path: str) -> None:
     right.plot(w, [r["fid_digits_floor"] for r in rows], "s--", color="grey", label="floor (real vs real)")
     right.axhspan(min(band["floor"]), max(band["floor"]), color="grey", alpha=0.2,
                   label=f"floor band ({len(band['floor'])} seeds)")
-    right.set(xlabel="guidance scale w", ylabel="FID (digits features)", title="FID vs held-out test digits")
+    right.set(xlabel="guidance scale w", ylabel="FID (digits features, log scale)", yscale="log",
+              title="FID vs held-out test digits")
     right.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

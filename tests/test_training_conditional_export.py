@@ -100,7 +100,7 @@ def test_eval_measures_per_class_and_push_sends_the_export(tmp_path, monkeypatch
                   hub_model_id="me/cfg-digits")
     assert calls[0] == ("init", "me/cfg-digits", False) and calls[-1] == ("push", "Step 2 (final)")
     assert 0 <= metrics["conditional_accuracy"] <= 1 and len(metrics["fid_digits_per_class"]) == 10
-    assert metrics["guidance_scale"] == 2.0 and metrics["nfe_per_sample"] == 4  # 2 DDIM steps x 2 passes
+    assert metrics["guidance_scale"] == 1.25 and metrics["nfe_per_sample"] == 4  # 2 DDIM steps x 2 passes
     assert metrics["classifier_accuracy_real"] > 0.9
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "Conditional accuracy (the digits classifier names the requested class)" in readme
