@@ -72,3 +72,10 @@ def test_final_export_grid_and_evaluation_are_logged_with_durations(training_run
         done = [line for line in lines if line.startswith(f"{what} done in ")]
         assert len(done) == 1 and float(done[0].split(" done in ")[1].rstrip(" s")) >= 0, lines
     assert lines.index(f"{phases[0]} ...") < lines.index(f"{phases[1]} ...")
+
+
+def test_unused_labels_are_said_to_be_ignored(training_runner, tmp_path):
+    """Unconditional training on data with labels (the digits' classes) says that it leaves them unused."""
+    result = training_runner.run(tiny_train_args(tmp_path / "out", 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Label column 'target' found (10 classes): ignored, this training is unconditional" in result.stderr
