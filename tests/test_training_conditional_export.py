@@ -5,13 +5,15 @@ per-class evaluation of --eval, and the Hub push."""
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from test_card_snippets import python_blocks
-from test_training import run, train_state_reset
+from test_training import run, tiny_flags, train_state_reset
 
 import ddpm_hf
 
@@ -106,3 +108,19 @@ def test_eval_measures_per_class_and_push_sends_the_export(tmp_path, monkeypatch
     assert "Conditional accuracy (the digits classifier names the requested class)" in readme
     assert "Classifier accuracy on real images (reference for the conditional accuracy)" in readme
     assert "FID, digits features, per class (class order)" in readme
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
+def test_two_processes_shard_images_and_labels_together(tmp_path):
+    """A real 2-rank gloo run: accelerate shards the (images, labels) batches field by field."""
+    from test_training_resume import SCRIPT, _env, _free_port
+
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
+    flags = tiny_flags(tmp_path, max_train_steps=3, train_batch_size=64, class_conditional="true")
+    result = subprocess.run(command + flags, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_processes=2" in result.stderr and "total batch 128" in result.stderr
+    assert "Class-conditional: 10 classes" in result.stderr
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["id2label"] == DIGITS
