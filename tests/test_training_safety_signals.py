@@ -169,9 +169,12 @@ def test_checkpointing_minutes_must_be_positive(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
-def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_path):
-    """SIGTERM to `accelerate launch` (as a scheduler sends it): both ranks stop after the same step, the
-    checkpoint holds both ranks' RNG files, and the resumed 2-process run equals the uninterrupted one."""
+@pytest.mark.parametrize("how", ["sigterm-to-launcher", "ctrl-c-to-the-group"])
+def test_two_processes_stop_together_and_resume_bit_identically(tmp_path, how):
+    """SIGTERM to `accelerate launch` (as a scheduler sends it), or Ctrl-C (SIGINT to the terminal's whole
+    process group, which torch elastic then forwards to the workers a second time): both ranks stop after the
+    same step with a checkpoint holding both ranks' RNG files (the forwarded copy does not abort), and the
+    resumed 2-process run equals the uninterrupted one."""
     launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = dict(_env(), ACCELERATE_USE_CPU="1")
@@ -185,12 +188,17 @@ def test_two_processes_stop_together_on_sigterm_and_resume_bit_identically(tmp_p
     assert straight.returncode == 0, straight.stderr[-3000:]
     run = Watched(command("stopped"), env)
     run.wait_for("Time to first step")
-    run.proc.send_signal(signal.SIGTERM)
+    if how == "sigterm-to-launcher":
+        run.proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(run.proc.pid, signal.SIGINT)  # the launcher leads its own session (start_new_session)
+    name = "SIGTERM" if how == "sigterm-to-launcher" else "SIGINT"
     assert run.finish() != 0
     out = tmp_path / "stopped"
     checkpoints = list_checkpoints(str(out))
     assert len(checkpoints) == 1 and checkpoints[0][0] < 24, run.stderr[-3000:]
-    assert run.stderr.count("error: interrupted by SIGTERM") == 1, run.stderr[-3000:]  # reported once
+    assert run.stderr.count(f"error: interrupted by {name}") == 1, run.stderr[-3000:]  # reported once
+    assert "aborted by Ctrl-C" not in run.stderr
     for rank in (0, 1):
         assert os.path.isfile(os.path.join(checkpoints[0][1], f"random_states_{rank}.pkl"))
     resumed = subprocess.run(command("stopped", "--resume_from_checkpoint", "latest"), env=env, capture_output=True,
