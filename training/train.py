@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train an unconditional DDPM with `accelerate`: `accelerate launch training/train.py [flags | config.json]`.
+"""Train a DDPM with `accelerate`: `accelerate launch training/train.py [flags | config.json]`.
 
 With no flags it trains the tiny preset on the built-in digits' fixed "train" split (16x16, 1 channel) and writes
-a stock-loadable pipeline, a sample grid and a model card to ``./ddpm-digits``. The recipe below is all there is
+a stock-loadable pipeline, a sample grid and a model card to ``./ddpm-digits``; ``--class_conditional true``
+trains on the labels with classifier-free guidance. The recipe below is all there is
 here; every step is a tested part of `ddpm_hf.training` (docs/training.md says how to reuse them from Python).
 """
 

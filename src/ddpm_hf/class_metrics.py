@@ -4,7 +4,8 @@
 ``class_labels`` and ``guidance_scale``) and measures
 
 * **conditional accuracy**: how often the digits classifier (``features.load_digits_classifier``) names the
-  requested class (class index = digit), beside the classifier's accuracy on the real images, the ceiling;
+  requested class (class index = digit), beside the classifier's accuracy on the real images, the reference (guided samples can score above
+  it: guidance pushes samples towards the classifier-easy centre of each class);
 * **FID** overall and per class against the real images, each with its **floor** (the same distance between two
   halves of the real images at the same counts): the real set is split per class into halves A and B, samples
   are compared with B, and as many of A's images of each class as there are samples of that class give the floor;
@@ -114,7 +115,7 @@ def evaluate_conditional(pipeline, real_images: torch.Tensor, real_labels: torch
         feature_extractor, inception_weights: as in ``evaluate.evaluate_pipeline`` (default: the digits features).
 
     Returns:
-        ``conditional_accuracy``, ``conditional_accuracy_per_class``, ``classifier_accuracy_real`` (the ceiling),
+        ``conditional_accuracy``, ``conditional_accuracy_per_class``, ``classifier_accuracy_real`` (the reference),
         ``fid_<name>`` / ``fid_<name>_floor`` overall and ``fid_<name>_per_class`` / ``fid_<name>_floor_per_class``
         (lists in class order), ``nfe_per_sample`` (None when the pipeline has no ``unet`` module), ``classes``,
         ``num_per_class``, ``num_real_b_per_class``, ``guidance_scale``, ``guidance_rescale``.

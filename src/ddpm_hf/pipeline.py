@@ -77,7 +77,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, id2label: dict[int, str] | None = None):
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, id2label: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         id2label = normalize_id2label(id2label)
