@@ -141,6 +141,15 @@ def test_evaluation_states_reference_and_the_counts_beside_every_number(folder):
     assert "the floor uses" not in section.lower()  # matched counts: no warning
 
 
+def test_kid_is_labelled_with_its_counts(folder):
+    results = {**RESULTS, "kid_digits": 0.0123, "kid_digits_std": 0.002}
+    _, body, _ = card(folder, evaluation=dataclasses.replace(EVAL, results=results))
+    section = body.split("## Evaluation", 1)[1]
+    assert "| KID, digits features | 0.0123 | 64 generated vs 225 real (half B) |" in section
+    assert "| KID std over subsets, digits features | 0.002 | 64 generated vs 225 real (half B) |" in section
+    assert "polynomial-kernel MMD" in section
+
+
 def test_evaluation_on_training_data_is_never_called_held_out(folder):
     train = dataclasses.replace(EVAL, reference="the 1,347 digits the model trained on", heldout=False)
     _, body, _ = card(folder, evaluation=train)

@@ -58,7 +58,7 @@ _COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images", "n
 # The images behind each metric, stated beside it: (metric key pattern, text over the count keys); first match wins.
 _MEASURED_ON = (
     (re.compile(r"fid_.*_floor"), "{num_real_a} real (half A) vs {num_real_b} real (half B)"),
-    (re.compile(r"fid_.*"), "{num_generated} generated vs {num_real_b} real (half B)"),
+    (re.compile(r"(fid|kid)_.*"), "{num_generated} generated vs {num_real_b} real (half B)"),
     (re.compile(r"bits_per_dim"), "{num_bpd_images} of the reference images"),
     (re.compile(r"classifier_confidence_real"), "{num_real_b} real (half B)"),
     (re.compile(r"class_.*|classifier_confidence"), "{num_generated} generated"),
@@ -328,6 +328,9 @@ def _metric_label(key: str) -> str:
         features = key[4:].removesuffix("_floor")
         kind = "FID floor (real vs real)" if key.endswith("_floor") else "FID"
         return f"{kind}, {features} features" + (", per class (class order)" if per_class else "")
+    if key.startswith("kid_"):
+        features = key[4:].removesuffix("_std")
+        return f"KID{' std over subsets' if key.endswith('_std') else ''}, {features} features"
     return {
         "conditional_accuracy": "Conditional accuracy (the digits classifier names the requested class)",
         "conditional_accuracy_per_class": "Conditional accuracy per class (class order)",
@@ -359,6 +362,9 @@ def _evaluation_notes(evaluation: EvalFacts) -> list[str]:
         if "conditional_accuracy" not in r and r.get("num_real_a") != r.get("num_generated"):
             notes.append(f"The floor uses {r.get('num_real_a')} real images where the FID uses "
                          f"{r.get('num_generated')} generated ones (too few real images to match).")
+    if any(k.startswith("kid_") for k in r):
+        notes.append("KID is the unbiased polynomial-kernel MMD between the same features (Binkowski et al. 2018), "
+                     "averaged over random subsets; unlike FID it has no bias from the sample count.")
     if any(k.startswith("fid_digits") for k in r):
         notes.append("The digits features are the 64 penultimate activations of a small digits classifier; "
                      "these FIDs are not comparable with Inception FIDs from papers.")
