@@ -62,3 +62,22 @@ def test_the_command_line_runs_and_bad_arguments_name_the_flag(export, tmp_path)
     bad = subprocess.run([sys.executable, "-m", "ddpm_hf.sample", str(export), "--num_images", "0"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--num_images" in bad.stderr
+
+
+def test_class_labels_and_guidance_reach_the_pipeline(tmp_path):
+    torch.manual_seed(1)
+    folder = tmp_path / "cond"
+    unet = ddpm_hf.UNet2DModel(**TINY, num_class_embeds=3).eval()  # 2 classes + the null class
+    ddpm_hf.DDPMPipeline(unet, ddpm_hf.DDIMScheduler(), id2label={0: "zero", 1: "one"}).save_pretrained(folder)
+    out = tmp_path / "g.png"
+    sample.main([str(folder), "--num_images", "3", "--steps", "2", "--class_labels", "one", "0",
+                 "--guidance_scale", "2", "--seed", "4", "--out", str(out)])
+    pipe = ddpm_hf.DDPMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(batch_size=3, generator=torch.Generator().manual_seed(4), num_inference_steps=2,
+                class_labels=["one", "zero", "one"], guidance_scale=2.0).images
+    for got, expected in zip(_tiles(out, 3), want):
+        np.testing.assert_array_equal(got, np.asarray(expected))
+    unguided = pipe(batch_size=3, generator=torch.Generator().manual_seed(4), num_inference_steps=2,
+                    class_labels=["one", "zero", "one"]).images
+    assert not np.array_equal(np.asarray(unguided[0]), _tiles(out, 1)[0])  # the scale changed the images
