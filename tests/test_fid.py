@@ -55,6 +55,10 @@ def test_kid_equals_the_unbiased_polynomial_mmd():
     x, y = rng.normal(size=(40, 8)), rng.normal(0.3, 1.2, size=(40, 8))
     got = fid.distances(torch.from_numpy(y), torch.from_numpy(x), kid_subset_size=40, kid_subsets=1)
     assert got["kid"] == pytest.approx(_mmd_poly_unbiased(x, y), rel=1e-9)
+    default = fid.distances(torch.from_numpy(y), torch.from_numpy(x))  # subsets of half the set: a real spread
+    assert default["kid_subset_size"] == 20 and default["kid_std"] > 0
+    again = fid.distances(torch.from_numpy(y), torch.from_numpy(x))
+    assert again["kid"] == default["kid"]  # the seeded subset draws repeat
 
 
 def test_cached_reference_statistics_give_the_same_fid(tmp_path):

@@ -192,7 +192,7 @@ def distances(fake: torch.Tensor, real: torch.Tensor | None = None, *, real_stat
         real: ``(M, D)`` features of the reference images; or pass ``real_stats`` (from ``load_reference_stats``).
         real_stats: cached reference statistics instead of ``real`` (KID then needs ``real`` and is skipped).
         kid: also compute KID (needs ``real``).
-        kid_subset_size: KID subset size (default ``min(N, M, 1000)``, KID's usual 1000 when there are enough).
+        kid_subset_size: KID subset size (default half the smaller set, at most KID's usual 1000).
         kid_subsets: number of KID subsets.
         seed: seeds KID's subset draws, so results repeat.
 
@@ -216,7 +216,9 @@ def distances(fake: torch.Tensor, real: torch.Tensor | None = None, *, real_stat
     num_real = int(fid.real_features_num_samples)
     result: dict[str, Any] = {"fid": max(0.0, float(fid.compute())), "num_fake": len(fake), "num_real": num_real}
     if kid and real is not None:
-        subset = kid_subset_size or min(len(fake), len(real), 1000)
+        # Subsets of half the smaller set (at most KID's usual 1000): at the full size every subset would be the
+        # same set and the reported spread a meaningless 0.
+        subset = kid_subset_size or max(2, min(len(fake) // 2, len(real) // 2, 1000))
         with warnings.catch_warnings():  # "will save all extracted features": that is what KID needs
             warnings.filterwarnings("ignore", message=r".*save all extracted features", category=UserWarning)
             metric = kid_cls(feature=_GivenFeatures(dim), subsets=kid_subsets, subset_size=subset)
