@@ -95,3 +95,17 @@ def test_sigkill_mid_push_then_resume_pushes_final_export(training_runner, refer
                 "model_index.json", "scheduler/scheduler_config.json"):
         assert landed[rel] == (out / rel).read_bytes(), rel
     assert not [rel for rel in landed if "checkpoint" in rel or rel.startswith("logs")]
+
+
+def test_sigkill_of_a_class_conditional_run_resumes_bit_identically(training_runner, tmp_path):
+    """Labels and the classifier-free label dropout come from the run's generator: a kill mid-step and
+    `--resume_from_checkpoint latest` end bit-identical to the uninterrupted conditional run."""
+    labels = ("--class_conditional", "true", "--cond_drop_prob", "0.5")
+    straight = tmp_path / "straight" / "out"
+    result = training_runner.run(tiny_train_args(straight, 6, *labels))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "killed" / "out"
+    _, latest, resumed = kill_then_resume(training_runner, out, Fault("torch.optim:AdamW.step", "kill_after",
+                                                                      at_call=3), labels)
+    assert os.path.basename(latest) == "checkpoint-2" and f"Resumed from {latest}" in resumed.stderr
+    assert_same_state(final_state(out), final_state(straight))
