@@ -126,3 +126,10 @@ def test_sampling_arguments(pipe, kwargs, word):
 def test_inpaint_jumps_longer_than_the_schedule(pipe):
     rejects(lambda: pipe.inpaint(image(), torch.ones(8, 8), num_inference_steps=2, jump_length=3, jump_n_sample=1),
             ValueError, "jump_length")
+
+
+@pytest.mark.parametrize("images", [torch.rand(4, 8, 8), np.random.rand(8, 8, 3).astype(np.float32)],
+                         ids=["CHW with 4 channels", "HWC with 3 channels"])
+def test_a_wrong_image_shape_is_reported_as_given(pipe, images):
+    with pytest.raises(ValueError, match=rf"got \({', '.join(map(str, images.shape))}\)$"):
+        pipe.invert(images, 2)

@@ -78,3 +78,26 @@ def test_unused_labels_are_said_to_be_ignored(training_runner, tmp_path):
     result = training_runner.run(tiny_train_args(tmp_path / "out", 2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Label column 'target' found (10 classes): ignored, this training is unconditional" in result.stderr
+
+
+def test_fp16_on_a_cpu_runs_and_is_recorded_as_fp32(training_runner, tmp_path):
+    """fp16 autocast is a no-op on the CPU: the run says so, runs with mixed_precision=no, and records that."""
+    result = training_runner.run(tiny_train_args(tmp_path / "out", 2, "--mixed_precision", "fp16"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--mixed_precision fp16 does nothing on a CPU" in result.stderr
+    assert "mixed_precision=no" in result.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| mixed_precision | no |" in card and "fp16" not in card
+
+
+def test_the_logged_total_batch_is_the_real_one(training_runner, tmp_path):
+    """Three images at --train_batch_size 4: batches of 3, and the log says so."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), color=40 * i).save(folder / f"{i}.png")
+    result = training_runner.run(tiny_train_args(tmp_path / "out", 2, "--train_data_dir", str(folder)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "total batch 3 (--train_batch_size 4 is more than the 3 images of each process)" in result.stderr

@@ -51,6 +51,7 @@ def images_to_tensor(images: ImageInput, name: str, channels: int, size: tuple[i
         images = [images]
     if isinstance(images, (list, tuple)) and images and all(isinstance(im, PIL.Image.Image) for im in images):
         images = _pil_to_array(images, channels)
+    given = tuple(getattr(images, "shape", ()))  # reported as the caller passed it, not as it is batched below
     if isinstance(images, np.ndarray):
         if images.ndim == 3:
             images = images[None]
@@ -64,8 +65,8 @@ def images_to_tensor(images: ImageInput, name: str, channels: int, size: tuple[i
         images = images[None]
     expected = (channels, *size)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, expected))}) (or the matching PIL/numpy "
-                         f"layout), got {tuple(images.shape)}")
+        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, expected))}) or "
+                         f"({', '.join(map(str, expected))}) (or the matching PIL/numpy layout), got {given}")
     if not images.is_floating_point():
         raise TypeError(f"{name} must hold floats in [0, 1] (as the pipeline outputs), got dtype {images.dtype}")
     images = images.detach().to("cpu", torch.float32)

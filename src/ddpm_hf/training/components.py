@@ -115,6 +115,26 @@ def check_world_size(accelerator: Accelerator) -> None:
         )
 
 
+def _on_cpu_only() -> bool:
+    """No accelerator device will be used: none present, or accelerate told to use the CPU."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
+def effective_mixed_precision(requested: str | None) -> str | None:
+    """``--mixed_precision`` (or accelerate's ``ACCELERATE_MIXED_PRECISION``), except fp16 on a CPU-only run.
+
+    fp16 autocast is a no-op on the CPU (the loss is bit-identical to fp32), so such a run is downgraded to "no"
+    with a warning instead of being logged and carded as fp16; bf16 autocast does run on CPUs.
+    """
+    wanted = requested or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    return "no" if wanted == "fp16" and _on_cpu_only() else requested
+
+
 def setup_accelerator(args: TrainingArguments) -> Accelerator:
     """The accelerator, logging (INFO on the main process), torch threads and global seeds.
 
@@ -124,6 +144,8 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     Returns:
         The accelerator.
     """
+    requested = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    args.mixed_precision = effective_mixed_precision(args.mixed_precision)  # the card records what ran
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.logger == "none" else args.logger,
@@ -133,6 +155,9 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if accelerator.is_main_process else logging.WARNING, force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file otherwise
+    if requested == "fp16" and args.mixed_precision == "no":
+        logger.warning("--mixed_precision fp16 does nothing on a CPU (it would train in fp32 anyway): running with "
+                       "mixed_precision=no. Use bf16 for reduced precision on a CPU.")
     check_world_size(accelerator)
     threads = configure_threads(args.num_threads, accelerator.device)
     logger.info("num_processes=%d device=%s mixed_precision=%s torch_threads=%d", accelerator.num_processes,
@@ -273,6 +298,10 @@ def build_run(accelerator: Accelerator, dataset: TrainDataset, data_args: DataAr
     run = TrainingRun(accelerator, data_args, model_args, args, dataset, classes, model, noise_scheduler, objective,
                       optimizer, dataloader, lr_scheduler, ema, generator, max_steps, len(dataloader), clock)
     StateHooks(run.progress, lr_scheduler, generator, ema, accelerator.process_index, clock).register(accelerator)
-    logger.info("Steps: %d optimizer steps, %d per epoch; total batch %d", max_steps, steps_per_epoch,
-                args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes)
+    # A batch never holds more images than a process's share of the data (5 images at batch 64: batches of 5).
+    batch = min(args.train_batch_size, math.ceil(len(dataset) / accelerator.num_processes))
+    logger.info("Steps: %d optimizer steps, %d per epoch; total batch %d%s", max_steps, steps_per_epoch,
+                batch * args.gradient_accumulation_steps * accelerator.num_processes,
+                f" (--train_batch_size {args.train_batch_size} is more than the {batch} images of each process)"
+                if batch < args.train_batch_size else "")
     return run
