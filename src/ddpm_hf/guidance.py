@@ -202,7 +202,7 @@ def alpha_at(alphas_cumprod: torch.Tensor, timestep: Any) -> torch.Tensor:
     return 1 / (1 + sigma**2)
 
 
-def guide_prediction(cond: torch.Tensor, uncond: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor,
+def guide_prediction(cond: torch.Tensor, uncond: torch.Tensor, sample: torch.Tensor, alpha_prod: torch.Tensor | None,
                      prediction_type: str, guidance_scale: float, guidance_rescale: float) -> torch.Tensor:
     """The guided mean prediction, in the network's parameterisation (eps, x_0 or v).
 
@@ -215,7 +215,7 @@ def guide_prediction(cond: torch.Tensor, uncond: torch.Tensor, sample: torch.Ten
     Args:
         cond, uncond: the mean channels of the conditional and null-class outputs ``(N, C, H, W)``.
         sample: the network input x_t.
-        alpha_prod: float64 bar(alpha) at t, ``()`` or ``(N,)``.
+        alpha_prod: float64 bar(alpha) at t, ``()`` or ``(N,)``; needed only to rescale a non-eps prediction.
         prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
         guidance_scale: w.
         guidance_rescale: phi in [0, 1].
@@ -250,6 +250,9 @@ class Guidance:
     prediction_type: str
     alphas_cumprod: torch.Tensor
 
+    def __post_init__(self) -> None:
+        self.batched_labels = torch.cat([self.labels, self.null_labels])  # [y; null], built once per call
+
     def batched_inputs(self, sample: torch.Tensor, timestep: Any, model_kwargs: dict[str, Any]) -> tuple:
         """``(sample, timestep, model_kwargs)`` for the one network call on [conditional; unconditional]: every
         per-sample tensor (batch-sized first dimension) is repeated, the labels are [y; null]."""
@@ -259,16 +262,19 @@ class Guidance:
             return torch.cat([value, value]) if torch.is_tensor(value) and value.ndim and len(value) == n else value
 
         kwargs = {k: twice(v) for k, v in model_kwargs.items()}
-        labels = torch.cat([self.labels, self.null_labels]).to(sample.device)
-        return torch.cat([sample, sample]), twice(timestep), {**kwargs, "class_labels": labels}
+        return torch.cat([sample, sample]), twice(timestep), {**kwargs, "class_labels": self.batched_labels}
 
     def combine(self, output: torch.Tensor, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
         """Guide the first C (mean) channels of the batched output; learned variance channels (2C outputs) are the
         conditional pass's."""
         cond, uncond = output.chunk(2)
         c = sample.shape[1]
-        mean = guide_prediction(cond[:, :c], uncond[:, :c], sample, alpha_at(self.alphas_cumprod, timestep),
-                                self.prediction_type, self.scale, self.rescale)
+        # bar(alpha) enters only when rescaling a non-eps prediction; no per-step lookup (a host sync on a GPU)
+        # otherwise.
+        needs_alpha = self.rescale != 0 and self.prediction_type != "epsilon"
+        alpha = alpha_at(self.alphas_cumprod, timestep) if needs_alpha else None
+        mean = guide_prediction(cond[:, :c], uncond[:, :c], sample, alpha, self.prediction_type, self.scale,
+                                self.rescale)
         return mean if cond.shape[1] == c else torch.cat([mean, cond[:, c:]], dim=1)
 
 
@@ -329,5 +335,5 @@ def plan_conditioning(cond: ClassConditioning, class_labels: ClassLabels, batch:
     if guidance_scale == 1 or null_only or class_labels is None:  # (w = 1: rescaling by std(x_pos)/std(x_pos) = 1)
         return {**model_kwargs, "class_labels": labels.to(device)}, None  # the conditional or null model: one pass
     null = torch.full((batch,), cond.null_class, dtype=torch.long)
-    return model_kwargs, Guidance(labels, null, float(guidance_scale), float(guidance_rescale), prediction_type,
-                                  alphas_cumprod)
+    return model_kwargs, Guidance(labels.to(device), null.to(device), float(guidance_scale), float(guidance_rescale),
+                                  prediction_type, alphas_cumprod)
