@@ -189,6 +189,11 @@ class DataConfig:
                                     "sub-folders), with a learned null class for classifier-free guidance."})
     label_column: str = field(default="label", metadata={"help": "The dataset column holding the class labels "
                               "(a ClassLabel feature, whose names become the class names, or integers 0..K-1)."})
+    streaming: bool = field(default=False, metadata={"help": "Stream --dataset_name / --train_data_dir "
+                            "(datasets' streaming=True: parquet, webdataset .tar, image folders, Hub names) instead "
+                            "of loading it; needs --max_train_steps."})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "With --streaming: the shuffle buffer's size "
+                                     "in examples (reshuffled every epoch with the run's seed)."})
 
 
 @dataclass(frozen=True)
