@@ -168,25 +168,39 @@ def test_checkpointing_minutes_must_be_positive(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+TWO_PROCESS_FLAGS = dict(COMMON, max_train_steps=24)
+
+
+def _two_process_command(tmp_path, out, *extra):
+    return TWO_PROCESSES + ["--main_process_port", str(_free_port()), SCRIPT] \
+        + tiny_flags(tmp_path, out=out, **TWO_PROCESS_FLAGS) + list(extra)
+
+
+def _two_process_env():
+    return dict(_env(), ACCELERATE_USE_CPU="1")
+
+
+@pytest.fixture(scope="module")
+def straight_two_processes(tmp_path_factory):
+    """The uninterrupted 2-process run, shared by both ways of stopping one."""
+    tmp = tmp_path_factory.mktemp("straight2")
+    result = subprocess.run(_two_process_command(tmp, "straight"), env=_two_process_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _final_state(tmp / "straight")
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
 @pytest.mark.parametrize("how", ["sigterm-to-launcher", "ctrl-c-to-the-group"])
-def test_two_processes_stop_together_and_resume_bit_identically(tmp_path, how):
+def test_two_processes_stop_together_and_resume_bit_identically(tmp_path, how, straight_two_processes):
     """SIGTERM to `accelerate launch` (as a scheduler sends it), or Ctrl-C (SIGINT to the terminal's whole
     process group, which torch elastic then forwards to the workers a second time): both ranks stop after the
     same step with a checkpoint holding both ranks' RNG files (the forwarded copy does not abort), and the
     resumed 2-process run equals the uninterrupted one."""
-    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = dict(_env(), ACCELERATE_USE_CPU="1")
-    common = dict(COMMON, max_train_steps=24)
-
-    def command(out, *extra):
-        return launch + ["--main_process_port", str(_free_port()), SCRIPT] + tiny_flags(tmp_path, out=out, **common) \
-            + list(extra)
-
-    straight = subprocess.run(command("straight"), env=env, capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    run = Watched(command("stopped"), env)
+    env = _two_process_env()
+    run = Watched(_two_process_command(tmp_path, "stopped"), env)
     run.wait_for("Time to first step")
     if how == "sigterm-to-launcher":
         run.proc.send_signal(signal.SIGTERM)
@@ -201,10 +215,10 @@ def test_two_processes_stop_together_and_resume_bit_identically(tmp_path, how):
     assert "aborted by Ctrl-C" not in run.stderr
     for rank in (0, 1):
         assert os.path.isfile(os.path.join(checkpoints[0][1], f"random_states_{rank}.pkl"))
-    resumed = subprocess.run(command("stopped", "--resume_from_checkpoint", "latest"), env=env, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(_two_process_command(tmp_path, "stopped", "--resume_from_checkpoint", "latest"),
+                             env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    name_a, a = _final_state(tmp_path / "straight")
+    name_a, a = straight_two_processes
     name_b, b = _final_state(out)
     assert name_a == name_b == "checkpoint-24"
     for key in a:
