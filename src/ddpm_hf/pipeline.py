@@ -22,6 +22,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion_math import q_sample
+from .fast_path import check_network_dtype, compile_unet, sample_dtype
 from .guidance import (
     ClassConditioning,
     ClassLabels,
@@ -97,12 +98,14 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
                  channels: int | None = None, guidance: Guidance | None = None) -> torch.Tensor:
         """The one place the pipeline calls the network: ``unet(sample, timestep, **model_kwargs)``, or with
         ``guidance`` one call on the conditional and null-class halves, combined (``Guidance.combine``); keeps the
-        first ``channels`` output channels if given (drops a learned variance)."""
+        first ``channels`` output channels if given (drops a learned variance). The network runs in its own dtype
+        (bf16 on the fast path); its output comes back in the sample's, so the maths after it stays in fp32."""
+        dtype = self.unet.dtype
         if guidance is None:
-            output = self.unet(sample, timestep, **model_kwargs, return_dict=False)[0]
+            output = self.unet(sample.to(dtype), timestep, **model_kwargs, return_dict=False)[0].to(sample.dtype)
         else:
-            both, timesteps, kwargs = guidance.batched_inputs(sample, timestep, model_kwargs)
-            output = self.unet(both, timesteps, **kwargs, return_dict=False)[0]
+            both, timesteps, kwargs = guidance.batched_inputs(sample.to(dtype), timestep, model_kwargs)
+            output = self.unet(both, timesteps, **kwargs, return_dict=False)[0].to(sample.dtype)
             output = guidance.combine(output, sample, timestep)
         return output if channels is None else output[:, :channels]
 
@@ -111,6 +114,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
                       scheduler: SchedulerMixin | None = None) -> tuple[dict[str, Any], Guidance | None]:
         """Checked ``model_kwargs`` with the labels of a single pass, and the guidance of a batched one."""
         scheduler = scheduler or self.scheduler
+        check_network_dtype(self.unet.dtype, self._execution_device)  # every entry point passes here, once
         cond = ClassConditioning.of(self.unet.config, self.id2label)
         alphas = alphas_cumprod_float64(scheduler) if guidance_scale != 1 else None
         return plan_conditioning(cond, class_labels, batch, check_model_kwargs(model_kwargs), guidance_scale,
@@ -140,11 +144,20 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         x = images_to_tensor(images, name, self.unet.config.in_channels, self._image_size())
         return x.to(self._execution_device)
 
+    @property
+    def sample_dtype(self) -> torch.dtype:
+        """dtype of x_t, the noise and the scheduler maths: float32 for a bf16/fp16 unet (``ddpm_hf.fast_path``)."""
+        return sample_dtype(self.unet.dtype)
+
+    def compile_unet(self, batch_size: int, mode: str | None = None, freezing: bool = True) -> float:
+        """``torch.compile`` the unet in place and return the one-off compile seconds (``fast_path.compile_unet``)."""
+        return compile_unet(self, batch_size, mode, freezing)
+
     def _to_model(self, images01: torch.Tensor) -> torch.Tensor:
-        return (images01 * 2 - 1).to(self.unet.dtype)
+        return (images01 * 2 - 1).to(self.sample_dtype)
 
     def _noise(self, shape: tuple[int, ...], generator: Generator) -> torch.Tensor:
-        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.sample_dtype)
 
     def _denoise(self, contract: SchedulerContract, sample: torch.Tensor, timesteps: torch.Tensor,
                  step_kwargs: dict[str, Any], model_kwargs: dict[str, Any], callback: Callable | None = None,
@@ -253,7 +266,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
             latents = self._noise(shape, generator)
         else:
             check_latents(latents, shape)
-            latents = latents.to(self._execution_device, self.unet.dtype)
+            latents = latents.to(self._execution_device, self.sample_dtype)
         ts = contract.set_inference_timesteps(num_inference_steps, timesteps)
         latents = latents * contract.init_noise_sigma  # 1 for DDPM/DDIM (Euler/Heun start at sigma_max)
         sample = self._denoise(contract, latents, ts, step_kwargs, model_kwargs, callback_on_step_end,
@@ -277,7 +290,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
                 ones to reconstruct).
 
         Returns:
-            Latents ``(N, C, H, W)`` in the unet's dtype on the execution device.
+            Latents ``(N, C, H, W)`` in ``sample_dtype`` on the execution device.
         """
         x0 = self._to_model(self._images(images, "images"))
         ddim = deterministic_ddim(self.scheduler)
@@ -311,7 +324,7 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
                                                     guidance_rescale, ddim)
         contract = contract_for(ddim)
         ts = contract.set_inference_timesteps(num_inference_steps)
-        latents = latents.to(self._execution_device, self.unet.dtype)
+        latents = latents.to(self._execution_device, self.sample_dtype)
         sample = self._denoise(contract, latents, ts, contract.step_kwargs(eta=0.0), model_kwargs,
                                channels=latents.shape[1], guidance=guidance)
         return self._output(sample, output_type, return_dict)
