@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.data import (DIGITS_NAME, DataConfig, DigitsDataset, EpochShuffleSampler, HFImageDataset, ImageTransform,
+from ddpm_hf.data import (DIGITS_NAME, DataConfig, DigitsDataset, EpochShuffleSampler, ImageTransform,
                           build_train_dataset, load_digits_tensor, pil_to_float)
+from ddpm_hf.image_dataset import HFImageDataset
 
 
 def folder(path, **options):
@@ -135,14 +136,15 @@ def _write_folder(root, with_bad=True):
         (root / "truncated.png").write_bytes(good.read_bytes()[:40])
 
 
-def test_image_folder_skips_and_counts_unreadable_files(tmp_path):
+def test_image_folder_replaces_and_counts_unreadable_files_as_they_are_met(tmp_path):
     _write_folder(tmp_path / "imgs")
     ds = build_train_dataset(folder(tmp_path / "imgs"))
     assert isinstance(ds, HFImageDataset)
-    assert len(ds) == 5 and ds.info.num_skipped == 2 and ds.info.num_channels == 3 and ds.info.num_images == 5
+    assert len(ds) == 7 and ds.info.num_channels == 3 and ds.info.num_images == 7 and ds.num_skipped_seen == 0
     assert ds.info.is_local and ds.info.name == str(tmp_path / "imgs") and ds.info.labels is None
     batch = torch.stack([ds[i] for i in range(len(ds))])
-    assert batch.shape == (5, 3, 8, 8) and batch.min() >= -1 and batch.max() <= 1
+    assert batch.shape == (7, 3, 8, 8) and batch.min() >= -1 and batch.max() <= 1
+    assert ds.num_skipped_seen == 2
     gray = build_train_dataset(folder(tmp_path / "imgs", num_channels=1))
     assert gray[0].shape == (1, 8, 8)
 
@@ -153,7 +155,7 @@ def test_bad_sources_are_clear_errors(tmp_path):
         build_train_dataset(folder(tmp_path / "empty"))
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("hello")
-    with pytest.raises(ValueError, match="train_data_dir"):
+    with pytest.raises(ValueError, match="--train_data_dir .* holds no image files"):
         build_train_dataset(folder(tmp_path / "texts"))
     (tmp_path / "allbad").mkdir()
     (tmp_path / "allbad" / "x.png").write_bytes(b"garbage")

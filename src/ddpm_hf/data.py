@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .class_labels import LabelledDataset, check_class_labels, read_label_column
+from .class_labels import LabelledDataset, check_class_labels
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +193,14 @@ class DataConfig:
                             "of loading it; needs --max_train_steps."})
     shuffle_buffer_size: int = field(default=1000, metadata={"help": "With --streaming: the shuffle buffer's size "
                                      "in examples (reshuffled every epoch with the run's seed)."})
+    eval_data_dir: str | None = field(default=None, metadata={"help": "A folder of images --eval scores against "
+                                      "(default: the data's test/validation split, else the images held out by "
+                                      "--eval_holdout; the built-in digits: their test split)."})
+    eval_holdout: int | None = field(default=None, metadata={"help": "Images of --dataset_name/--train_data_dir "
+                                     "held out from training as the evaluation reference when the source has no "
+                                     "test/validation split and no --eval_data_dir is given (a fixed, seeded "
+                                     "choice, stratified by class when there are labels). Default: 10 %% of the "
+                                     "images, at most 2,048, for sources of at least 100 images; else 0."})
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,7 @@ class DatasetInfo:
         labels: the class of each image (int64, aligned with the dataset's indices), or None.
         label_column: where the labels came from, or None.
         class_names: the name of each class id, or None.
+        num_heldout: images of the source held out from training as the evaluation reference (``--eval_holdout``).
     """
 
     name: str
@@ -223,6 +231,7 @@ class DatasetInfo:
     labels: torch.Tensor | None = None
     label_column: str | None = None
     class_names: tuple[str, ...] | None = None
+    num_heldout: int = 0
 
 
 class TrainDataset(Protocol):
@@ -274,6 +283,12 @@ def digits_split_indices(split: str) -> np.ndarray:
     return np.sort(train if split == "train" else test)
 
 
+def digits_real_images(split: str, resolution: int, num_channels: int = 1) -> torch.Tensor:
+    """The built-in digits of ``split`` exactly as training sees them, channels repeated to ``num_channels``."""
+    images = load_digits_tensor(resolution)[torch.from_numpy(digits_split_indices(split))]
+    return images.expand(-1, num_channels, -1, -1).contiguous()
+
+
 def digits_split_text() -> str:
     """The built-in digits' training split in words, e.g. "1,347 of the 1,797 digits (stratified 75 %, ...)"."""
     train, total = len(digits_split_indices("train")), len(digits_split_indices("all"))
@@ -317,8 +332,8 @@ class DigitsDataset(EpochDataset):
         return image
 
 
-def _open_image(record: Any) -> Image.Image:
-    """Decode one image from a `datasets` record: {'bytes', 'path'} dict, a path, or a PIL image."""
+def open_image(record: Any) -> Image.Image:
+    """Decode one image from a `datasets` record: {'bytes', 'path'} dict, a path, raw bytes, or a PIL image."""
     if isinstance(record, Image.Image):
         image = record
     elif isinstance(record, dict) and record.get("bytes") is not None:
@@ -327,142 +342,23 @@ def _open_image(record: Any) -> Image.Image:
         image = Image.open(record["path"])
     elif isinstance(record, str):
         image = Image.open(record)
+    elif isinstance(record, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(record))
     else:
         raise TypeError(f"cannot read an image from a {type(record).__name__}")
     image.load()
     return image
 
 
-def find_labels(dataset: Any, image_column: str) -> tuple[str | None, list[int] | None, tuple[str, ...] | None]:
-    """The first class-label column of a `datasets.Dataset` (a ``ClassLabel`` feature, e.g. imagefolder's
-    ``label``): ``(column, labels, class_names)``, or three Nones. What unconditional training records (and
-    reports as ignored)."""
-    import datasets
-
-    for name, feature in dataset.features.items():
-        if name != image_column and isinstance(feature, datasets.ClassLabel):
-            return name, list(dataset[name]), tuple(feature.names)
-    return None, None, None
-
-
-class HFImageDataset(EpochDataset):
-    """Images from a `datasets.Dataset` column, skipping unreadable files (counted in ``info.num_skipped``).
-
-    Every image is decoded once up front: the unreadable ones are known (and logged) before training
-    starts, the batch size never changes mid-epoch, and the number of channels can come from the data.
-
-    Args:
-        dataset: a `datasets.Dataset`.
-        image_column: the column that holds the images.
-        transform: the `ImageTransform` to apply.
-        num_channels: 1 or 3, or None to use 1 when every image is grey and 3 otherwise.
-        seed: base seed of the random crops and flips.
-        source: where the images come from (a flag and its value), for error messages.
-        name: the source as the user named it, for ``info``.
-        is_local: whether ``name`` is a local path.
-        label_column: the column whose labels class-conditional training needs (missing or bad labels are an
-            error); None records the first ``ClassLabel`` column, if any, without using it.
-    """
-
-    def __init__(self, dataset: Any, image_column: str, transform: ImageTransform,
-                 num_channels: int | None = None, seed: int = 0, source: str = "the dataset",
-                 name: str = "dataset", is_local: bool = True, label_column: str | None = None):
-        super().__init__(seed)
-        if image_column not in dataset.column_names:
-            raise ValueError(
-                f"--image_column {image_column!r} is not a column of the dataset; columns: {dataset.column_names}"
-            )
-        import datasets
-
-        if isinstance(dataset.features[image_column], datasets.Image):
-            dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-        self.records = dataset[image_column]
-        self.transform = transform
-        if label_column is not None:
-            labels, class_names = read_label_column(dataset, label_column, source)
-        else:
-            label_column, labels, class_names = find_labels(dataset, image_column)
-        self.valid, any_colour = self._scan(source, image_column)
-        if labels is not None:
-            labels = torch.tensor([labels[i] for i in self.valid], dtype=torch.long)
-        self.info = DatasetInfo(
-            name=name, is_local=is_local, split=f"the 'train' split of {source}", num_images=len(self.valid),
-            num_channels=num_channels if num_channels is not None else (3 if any_colour else 1),
-            resolution=transform.resolution, num_skipped=len(self.records) - len(self.valid),
-            labels=labels, label_column=label_column, class_names=class_names)
-
-    def _scan(self, source: str, image_column: str) -> tuple[list[int], bool]:
-        """Decode every record once: the readable indices, and whether any of them is in colour."""
-        valid: list[int] = []
-        any_colour = False
-        first_error = None
-        for i, record in enumerate(self.records):
-            try:
-                any_colour |= not is_gray(_open_image(record))
-            except Exception as err:  # any decoder failure means "unreadable": PIL raises many types
-                logger.debug("skipping unreadable image %d: %s", i, err)
-                if first_error is None:
-                    first_error = err
-                continue
-            valid.append(i)
-        skipped = len(self.records) - len(valid)
-        if skipped:
-            logger.warning("Skipped %d unreadable image(s) of %d in %s", skipped, len(self.records), source)
-        if not valid:
-            raise ValueError(f"none of the {len(self.records)} images in {source} (column {image_column!r}) could "
-                             f"be read; the first error: {type(first_error).__name__}: {first_error}")
-        return valid, any_colour
-
-    def __len__(self) -> int:
-        return len(self.valid)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        source = self.valid[index]
-        image = pil_to_float(_open_image(self.records[source]), self.info.num_channels)
-        needs_rng = self.transform.random_flip or not self.transform.center_crop
-        generator = item_generator(self.seed, self.epoch, index) if needs_rng else None
-        return self.transform(image, generator)
-
-
-def _source(config: DataConfig) -> str:
-    """The flag and value the images come from, as error messages name it."""
-    if config.train_data_dir is not None:
-        return f"--train_data_dir {config.train_data_dir!r}"
-    return f"--dataset_name {config.dataset_name!r}"
-
-
-def load_hf_dataset(config: DataConfig) -> Any:
-    """Load the ``train`` split through `datasets.load_dataset` (a name or local path, or an imagefolder).
-
-    Args:
-        config: the source (``dataset_name`` + ``dataset_config_name``, or ``train_data_dir``) and ``cache_dir``.
-
-    Returns:
-        The `datasets.Dataset`.
-
-    Raises:
-        ValueError: when the source is missing, empty, or holds no images.
-    """
-    import datasets
-
-    source = _source(config)
-    if config.train_data_dir is not None:
-        if not os.path.isdir(config.train_data_dir):
-            raise ValueError(f"{source} is not a directory")
-        path, name, data_dir = "imagefolder", None, config.train_data_dir
-    else:
-        path, name, data_dir = config.dataset_name, config.dataset_config_name, None
-    try:
-        dataset = datasets.load_dataset(path, name, data_dir=data_dir, cache_dir=config.cache_dir, split="train")
-    except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as err:
-        raise ValueError(f"could not load images from {source}: {err}") from err
-    if len(dataset) == 0:
-        raise ValueError(f"{source} holds no images")
-    return dataset
+_open_image = open_image  # the name of the first version, which the streaming code may still import
 
 
 def build_train_dataset(config: DataConfig, seed: int = 0) -> TrainDataset:
     """The training dataset ``config`` asks for: the built-in digits' "train" split when it names no source.
+
+    A `datasets` source (`ddpm_hf.dataset_sources.load_source`) is decoded lazily
+    (`ddpm_hf.image_dataset.HFImageDataset`), less the images `ddpm_hf.eval_reference.holdout_indices` holds
+    out for evaluation.
 
     Args:
         config: the data flags.
@@ -483,16 +379,29 @@ def build_train_dataset(config: DataConfig, seed: int = 0) -> TrainDataset:
     else:
         if config.dataset_name is not None and config.train_data_dir is not None:
             raise ValueError("give --dataset_name or --train_data_dir, not both")
-        hf_dataset = load_hf_dataset(config)
-        transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
-        name = config.train_data_dir if config.train_data_dir is not None else config.dataset_name
-        dataset = HFImageDataset(hf_dataset, config.image_column, transform, num_channels=config.num_channels,
-                                 seed=seed, source=_source(config), name=name, is_local=os.path.exists(name),
-                                 label_column=config.label_column if config.class_conditional else None)
+        dataset = _image_source_dataset(config, seed)
     if not config.class_conditional:
         return dataset
     check_class_labels(dataset.info.labels, dataset.info.class_names, dataset.info.label_column)
     return LabelledDataset(dataset)
+
+
+def _image_source_dataset(config: DataConfig, seed: int) -> TrainDataset:
+    """The lazy training set of a `datasets` source, less its held-out images."""
+    from .dataset_sources import is_local_source, load_source, source_name, source_text
+    from .eval_reference import holdout_indices, training_split_text
+    from .image_dataset import HFImageDataset
+
+    source, name = source_text(config), source_name(config)
+    hf_dataset = load_source(config)
+    train, heldout = holdout_indices(config, hf_dataset)
+    if len(heldout):
+        hf_dataset = hf_dataset.select(train)
+    transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
+    return HFImageDataset(hf_dataset, config.image_column, transform, num_channels=config.num_channels, seed=seed,
+                          source=source, name=name, is_local=is_local_source(config),
+                          label_column=config.label_column if config.class_conditional else None,
+                          split=training_split_text(source, len(train), len(heldout)), num_heldout=len(heldout))
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

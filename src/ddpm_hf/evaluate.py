@@ -9,13 +9,14 @@ FID and KID are computed by torchmetrics from the features (float64 running sums
 Every FID comes with its floor: the same distance between two halves of the real images, the score of a perfect
 model at that sample size. Generated samples are compared with the second half B; as many are drawn as the
 first half A holds unless asked otherwise, and with fewer the floor uses as many of A's images, so FID and
-floor share their sample counts (returned beside them). The CLI evaluates against the held-out "test" split
-of the built-in digits, which training never sees.
+floor share their sample counts (returned beside them). The CLI evaluates against the images the export's
+training held out (`export_reference`): the built-in digits' "test" split for a digits model.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -29,12 +30,15 @@ import numpy as np
 import torch
 
 from .class_metrics import digits_real_labels, evaluate_conditional
-from .data import digits_split_indices
+from .data import DataConfig, digits_real_images, digits_split_indices
 from .features import (FEATURE_EXTRACTORS, INCEPTION_ENV, DigitsClassifier, FeatureFn, batched, feature_fns,
                        load_digits_classifier, phase, progress)
 from .fid import distances, load_reference_stats, save_reference_stats
 
 logger = logging.getLogger(__name__)
+# The digits' split helpers are part of this module's interface (docs/training.md names them here).
+__all__ = ["bits_per_dim", "class_statistics", "digits_real_images", "digits_split_indices", "evaluate_pipeline",
+           "export_reference", "fid_from_features", "generate", "main"]
 
 def fid_from_features(fake: torch.Tensor, real: torch.Tensor) -> float:
     """FID between two feature sets ``(N, D)`` and ``(M, D)`` (torchmetrics' float64 statistics, clamped at 0)."""
@@ -215,14 +219,6 @@ def _sample_metrics(fns: Mapping[str, FeatureFn], classifier: DigitsClassifier, 
 # ---- command line ------------------------------------------------------------------------------------------------
 
 
-def digits_real_images(split: str, resolution: int, num_channels: int) -> torch.Tensor:
-    """The built-in digits of ``split`` exactly as training sees them (``ddpm_hf.data``), channels repeated."""
-    from .data import load_digits_tensor
-
-    images = load_digits_tensor(resolution)[torch.from_numpy(digits_split_indices(split))]
-    return images.expand(-1, num_channels, -1, -1).contiguous()
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ddpm_hf.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("pipeline_dir", help="a saved pipeline folder (or Hub repo id) that ddpm_hf.DDPMPipeline loads")
@@ -234,10 +230,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature_extractor", choices=FEATURE_EXTRACTORS, default="auto")
     p.add_argument("--inception_weights", default=None, help=f"TorchScript Inception file (default: ${INCEPTION_ENV}, else the packaged weights)")
-    p.add_argument("--real_split", choices=("all", "train", "test"), default="test",
-                   help="digits used as the real set for FID (default: the held-out test split)")
-    p.add_argument("--bpd_split", choices=("all", "train", "test"), default="test",
-                   help="digits used for bits/dim (held out only if training left them out)")
+    p.add_argument("--eval_data_dir", default=None,
+                   help="a folder of real images to score against (default: what the export's ddpm_hf_run.json says "
+                        "training held out; the built-in digits' test split for a digits model)")
+    p.add_argument("--real_split", choices=("all", "train", "test"), default=None,
+                   help="digits models only: digits used as the real set for FID (default: the held-out test split)")
+    p.add_argument("--bpd_split", choices=("all", "train", "test"), default=None,
+                   help="digits models only: digits used for bits/dim (held out only if training left them out)")
     p.add_argument("--num_bpd_images", type=int, default=64, help="0 skips bits/dim")
     p.add_argument("--reference_cache", default=None,
                    help="folder for the reference statistics (.npz): computed once, read on later runs")
@@ -250,7 +249,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Load a pipeline, evaluate it against the built-in digits, print the metrics as JSON and return them."""
+    """Load a pipeline, evaluate it against its reference (`export_reference`), print the metrics as JSON and
+    return them."""
     args = _parser().parse_args(argv)
     from .pipeline import DDPMPipeline
 
@@ -259,17 +259,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     steps = args.num_inference_steps or min(100, pipeline.scheduler.config.num_train_timesteps)
     generator = torch.Generator().manual_seed(args.seed)
-    if config.get("num_class_embeds") is not None:  # class-conditional export: the per-class metrics
+    conditional = config.get("num_class_embeds") is not None
+    reference, bpd_images = export_reference(args, size, config.in_channels, pipeline.id2label if conditional else None)
+    if conditional:  # class-conditional export: the per-class metrics
         metrics = evaluate_conditional(
-            pipeline, digits_real_images(args.real_split, size, config.in_channels),
-            digits_real_labels(args.real_split), guidance_scale=args.guidance_scale,
+            pipeline, reference.images, reference.labels, guidance_scale=args.guidance_scale,
             num_per_class=args.num_per_class, num_inference_steps=steps, batch_size=args.batch_size,
             generator=generator, feature_extractor=args.feature_extractor, inception_weights=args.inception_weights)
     else:
-        metrics = _unconditional_metrics(pipeline, args, size, steps, generator)
+        metrics = evaluate_pipeline(
+            pipeline, reference.images, num_samples=args.num_samples, batch_size=args.batch_size,
+            num_inference_steps=steps, generator=generator, feature_extractor=args.feature_extractor,
+            heldout_images=bpd_images, num_bpd_images=args.num_bpd_images, inception_weights=args.inception_weights,
+            reference_cache=args.reference_cache)
     # What the numbers were measured with and against (the facts a model card states beside them).
     metrics.update(sampler=type(pipeline.scheduler).__name__, num_inference_steps=steps, seed=args.seed,
-                   real_split=args.real_split, bpd_split=args.bpd_split)
+                   real_split=args.real_split, bpd_split=args.bpd_split, reference=reference.description,
+                   reference_heldout=reference.heldout)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output:
@@ -277,24 +283,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _unconditional_metrics(pipeline, args: argparse.Namespace, size: int, steps: int,
-                           generator: torch.Generator) -> dict[str, Any]:
-    config = pipeline.unet.config
-    return evaluate_pipeline(
-        pipeline,
-        digits_real_images(args.real_split, size, config.in_channels),
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        num_inference_steps=steps,
-        generator=generator,
-        feature_extractor=args.feature_extractor,
-        heldout_images=digits_real_images(args.bpd_split, size, config.in_channels),
-        num_bpd_images=args.num_bpd_images,
-        inception_weights=args.inception_weights,
-        reference_cache=args.reference_cache,
-    )
+def export_reference(args: argparse.Namespace, size: int, channels: int,
+                     id2label: dict[int, str] | None) -> tuple[Any, torch.Tensor]:
+    """The reference an export is scored against, and the images of its bits/dim.
+
+    The export's ``ddpm_hf_run.json`` (written by training/train.py) gives the data flags, from which
+    `ddpm_hf.eval_reference.build_eval_reference` rebuilds the images training held out; ``--eval_data_dir``
+    replaces them. The built-in digits (``--real_split``, ``--bpd_split``) are used only for a digits model:
+    one the run file says was trained on them, or, without a run file, a 1-channel one.
+
+    Raises:
+        ValueError: the digits asked for an export trained on other data, or no reference is known.
+    """
+    from .eval_reference import EvalReference, build_eval_reference
+    from .training.output_folder import read_run_file
+
+    run = read_run_file(args.pipeline_dir) if Path(args.pipeline_dir).is_dir() else None
+    recorded = dict(run["config"]) if run and "config" in run else None
+    names = tuple(id2label[i] for i in sorted(id2label)) if id2label else None
+    if recorded is not None:
+        fields = {f.name for f in dataclasses.fields(DataConfig)}
+        data = DataConfig(**{k: v for k, v in recorded.items() if k in fields})
+        data.eval_data_dir = args.eval_data_dir or (run.get("evaluation") or {}).get("eval_data_dir")
+    else:
+        data = DataConfig(resolution=size, eval_data_dir=args.eval_data_dir, class_conditional=id2label is not None)
+    digits = data.dataset_name is None and data.train_data_dir is None
+    if digits and data.eval_data_dir is None and recorded is None and channels != 1:
+        raise ValueError(f"{args.pipeline_dir} has no ddpm_hf_run.json saying what it was trained on, and its "
+                         f"{channels} channels rule out the built-in digits: pass --eval_data_dir FOLDER (real "
+                         "images it never saw)")
+    if not digits or data.eval_data_dir is not None:
+        given = [flag for flag, value in (("--real_split", args.real_split), ("--bpd_split", args.bpd_split)) if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} choose digits, but {args.pipeline_dir} was not trained on the "
+                             "built-in digits (or --eval_data_dir is given): drop them; the reference is "
+                             "--eval_data_dir, else the images its training held out")
+        reference = build_eval_reference(data, channels, class_names=names,
+                                         num_heldout=recorded.get("num_heldout") if recorded else None)
+        return reference, reference.images
+    args.real_split, args.bpd_split = args.real_split or "test", args.bpd_split or "test"
+    real = digits_real_images(args.real_split, size, channels)
+    held = " (held out from training)" if args.real_split == "test" else ""
+    reference = EvalReference(real, digits_real_labels(args.real_split),
+                              f"the {len(real):,} digits of the {args.real_split!r} split{held}", bool(held))
+    return reference, digits_real_images(args.bpd_split, size, channels)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    main()
+    try:
+        main()
+    except ValueError as err:  # no usable reference, a bad folder: the message names the flag
+        sys.exit(f"ValueError: {err}")

@@ -31,19 +31,24 @@ from .export import GRID_FILENAME
 logger = logging.getLogger("ddpm_hf.train")
 
 RUN_FILE = "ddpm_hf_run.json"
+# Arguments of evaluation only, recorded beside the identity (the evaluate CLI rebuilds the reference from them)
+# but outside its hash: adding --eval_data_dir to a resumed run is fine.
+EVALUATION_ARGS = ("eval_data_dir",)
 # Besides the pipeline's component folders (named in its model_index.json) and the checkpoints.
 _EXPORT_ENTRIES = ("model_index.json", "unet_raw", "README.md", GRID_FILENAME, ".export.partial", RUN_FILE)
 _CHECKPOINT_ENTRY = re.compile(rf"^(\.)?{PREFIX}\d+(\.partial|\.old)?$")
 
 
 def run_identity(run: TrainingRun) -> dict[str, Any]:
-    """The run's identity: ``{"config_hash", "seed", "config", "length"}`` (JSON values, keys sorted).
+    """The run's identity: ``{"config_hash", "seed", "config", "length", "evaluation"}`` (JSON values).
 
-    ``config_hash`` is the SHA-256 of ``config`` as sorted JSON; ``length`` holds the `RESUMABLE_CHANGES`
-    arguments, which are outside the hash.
+    ``config_hash`` is the SHA-256 of ``config`` as sorted JSON (with the data's image count, channels and
+    images held out for evaluation); ``length`` holds the `RESUMABLE_CHANGES` arguments and ``evaluation`` the
+    `EVALUATION_ARGS`, both outside the hash.
     """
     args = public_args(run.data_args, run.model_args, run.args)
-    config = {key: value for key, value in args.items() if key not in RESULT_NEUTRAL_ARGS | RESUMABLE_CHANGES}
+    outside = RESULT_NEUTRAL_ARGS | RESUMABLE_CHANGES | set(EVALUATION_ARGS)
+    config = {key: value for key, value in args.items() if key not in outside}
     unet_config = run.accelerator.unwrap_model(run.model).config
     config.update(
         unet_config={k: v for k, v in unet_config.items() if not k.startswith("_")},
@@ -52,11 +57,14 @@ def run_identity(run: TrainingRun) -> dict[str, Any]:
         num_processes=run.accelerator.num_processes,
         num_images=run.dataset.info.num_images,
         num_channels=run.dataset.info.num_channels,
+        num_heldout=run.dataset.info.num_heldout,
     )
     config = json.loads(json.dumps(config, sort_keys=True, default=str))  # tuples -> lists, as read back
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     length = {key: args[key] for key in sorted(RESUMABLE_CHANGES)}
-    return {"config_hash": digest, "seed": run.args.seed, "config": config, "length": length}
+    evaluation = {key: args[key] for key in EVALUATION_ARGS}
+    return {"config_hash": digest, "seed": run.args.seed, "config": config, "length": length,
+            "evaluation": evaluation}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -117,7 +125,7 @@ def check_output_dir(run: TrainingRun, identity: dict[str, Any]) -> None:
     checkpoint = resolve_checkpoint(out, args.resume_from_checkpoint)
     if checkpoint is not None:
         _check_identity(f"cannot resume from {checkpoint}", read_marker(checkpoint), identity)
-    folder_run = _read_run_file(out)
+    folder_run = read_run_file(out)
     inside = checkpoint is not None and os.path.samefile(os.path.dirname(os.path.abspath(checkpoint)), out)
     if folder_run is not None and not inside:  # a checkpoint from elsewhere, or none yet: the folder's run counts
         _check_identity(f"cannot continue the run in --output_dir {out}", folder_run, identity)
@@ -140,7 +148,12 @@ def _check_identity(what: str, saved: dict[str, Any] | None, identity: dict[str,
                      "another --output_dir (or --overwrite_output_dir true)")
 
 
-def _read_run_file(output_dir: str) -> dict[str, Any] | None:
+def read_run_file(output_dir: str) -> dict[str, Any] | None:
+    """The identity `write_run_file` recorded in ``output_dir``, or None when there is none.
+
+    Raises:
+        ValueError: the file is unreadable, naming it.
+    """
     path = os.path.join(output_dir, RUN_FILE)
     if not os.path.isfile(path):
         return None
