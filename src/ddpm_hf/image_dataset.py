@@ -72,10 +72,10 @@ def check_image_column(dataset: Any, image_column: str, source: str) -> None:
 
 
 def record_name(record: Any, index: int) -> str:
-    """A file path for the log, or ``image <index>`` for embedded bytes."""
+    """A file path for the log, or ``#<index>`` for embedded bytes."""
     if isinstance(record, dict) and record.get("path"):
         return repr(record["path"])
-    return repr(record) if isinstance(record, str) else f"image {index}"
+    return repr(record) if isinstance(record, str) else f"#{index}"
 
 
 class HFImageDataset(EpochDataset):
