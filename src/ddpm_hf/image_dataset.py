@@ -43,7 +43,10 @@ def find_labels(dataset: Any, image_column: str) -> tuple[str | None, list[int] 
 
     for name, feature in dataset.features.items():
         if name != image_column and isinstance(feature, datasets.ClassLabel):
-            return name, list(dataset[name]), tuple(feature.names)
+            labels = list(dataset[name])
+            # imagefolder with train/ and test/ folders declares their names as classes, every label None
+            if None not in labels:
+                return name, labels, tuple(feature.names)
     return None, None, None
 
 
