@@ -101,3 +101,24 @@ def test_the_logged_total_batch_is_the_real_one(training_runner, tmp_path):
     result = training_runner.run(tiny_train_args(tmp_path / "out", 2, "--train_data_dir", str(folder)))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "total batch 3 (--train_batch_size 4 is more than the 3 images of each process)" in result.stderr
+
+
+def test_under_accelerate_launch_our_line_is_just_above_the_launchers_traceback(tmp_path):
+    """accelerate's launcher turns any non-zero exit into its own CalledProcessError traceback (~10 lines, after
+    ours); the fix-it line is the one just above it, and docs/training.md says so."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "training/train.py", "--learnig_rate", "1", "--output_dir", str(tmp_path / "o")],
+        cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    ours = lines.index("ValueError: unknown flag --learnig_rate (did you mean --learning_rate?)")
+    assert lines[ours + 1] == "Traceback (most recent call last):" and "CalledProcessError" in lines[-1]
+    troubleshooting = (root / "docs" / "training.md").read_text().split("## Troubleshooting", 1)[1]
+    assert "CalledProcessError" in troubleshooting and "the line just above" in troubleshooting
+    assert not (tmp_path / "o").exists()
