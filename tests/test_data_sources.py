@@ -137,3 +137,10 @@ def test_paths_and_bytes_columns_are_images_too(tmp_path):
         dataset = build_train_dataset(config(tmp_path / "local", image_column=column, cache_dir=str(tmp_path / "c")))
         assert levels_of(dataset) == list(LEVELS[:2])
     assert isinstance(dataset[0], torch.Tensor)
+
+
+def test_an_image_folder_streams(tmp_path):
+    for i, level in enumerate(LEVELS):
+        (tmp_path / f"{i}.png").write_bytes(grey_png(level))
+    stream = load_source(DataConfig(train_data_dir=str(tmp_path)), streaming=True)
+    assert isinstance(stream, datasets.IterableDataset) and len(list(stream)) == 4

@@ -122,3 +122,10 @@ def test_eval_and_the_evaluate_cli_use_the_held_out_images_and_the_cli_refuses_t
     assert refused.stderr.strip().splitlines()[-1].startswith(
         "ValueError: --real_split choose digits, but "), refused.stderr[-2000:]
     assert "--eval_data_dir" in refused.stderr
+
+
+def test_a_stream_is_scored_against_its_first_images_and_says_they_are_not_held_out(tmp_path):
+    folder = write_folder(tmp_path / "imgs", LEVELS[:20])
+    reference = build_eval_reference(config(folder, streaming=True), num_channels=1, limit=8)
+    assert len(reference.images) == 8 and not reference.heldout and "not held out" in reference.description
+    assert set(levels_of(reference.images)) <= set(LEVELS[:20])

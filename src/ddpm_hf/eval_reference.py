@@ -175,11 +175,16 @@ def build_eval_reference(config: DataConfig, num_channels: int, class_names: tup
     source, split = source_text(config), eval_split_name(config)
     label_column = config.label_column if config.class_conditional else None
     if split is not None:
-        dataset = load_source(config, split=split)
-        images, labels = _read(dataset.select(range(min(limit, len(dataset)))), f"the {split!r} split of {source}",
+        images, labels = _read(_first(config, split, limit), f"the {split!r} split of {source}",
                                config.image_column, label_column, config, num_channels, class_names)
         return EvalReference(images, labels, f"{len(images):,} images of the {split!r} split of {source} (held "
                                              "out from training)", True)
+    if config.streaming:  # a stream holds nothing out: its first images, which training sees too
+        images, labels = _read(_first(config, "train", limit), source, config.image_column, label_column, config,
+                               num_channels, class_names)
+        logger.warning("Evaluating against training images: --streaming holds nothing out and %s has no test split "
+                       "(pass --eval_data_dir)", source)
+        return EvalReference(images, labels, f"the first {len(images):,} training images (not held out)", False)
     dataset = load_source(config)
     train, heldout = holdout_indices(config, dataset)
     if num_heldout is not None and len(heldout) != num_heldout:
@@ -194,6 +199,20 @@ def build_eval_reference(config: DataConfig, num_channels: int, class_names: tup
     logger.warning("Evaluating against training images: %s holds fewer than %d images and no test split, so none "
                    "were held out (pass --eval_data_dir, or --eval_holdout when training)", source, HOLDOUT_MIN_SOURCE)
     return EvalReference(images, labels, f"{len(images):,} of the training images (not held out)", False)
+
+
+def _first(config: DataConfig, split: str, limit: int) -> Any:
+    """The first ``limit`` rows of ``split`` as a map-style `datasets.Dataset` (streamed with --streaming, so a
+    large source is not downloaded whole)."""
+    import datasets
+
+    from .dataset_sources import load_source
+
+    if config.streaming:
+        stream = load_source(config, streaming=True, split=split)
+        return datasets.Dataset.from_list(list(stream.take(limit)), features=stream.features)
+    dataset = load_source(config, split=split)
+    return dataset.select(range(min(limit, len(dataset))))
 
 
 def _read(dataset: Any, where: str, column: str, label_column: str | None, config: DataConfig, num_channels: int,
