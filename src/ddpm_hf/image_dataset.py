@@ -7,7 +7,9 @@ batch keeps its size and a resumed run sees exactly the images an uninterrupted 
 ``num_skipped_seen`` (saved in checkpoints through ``state_dict``).
 
 Counting rule: an unreadable image is counted when it is met in the first epoch, in which every image is met
-exactly once across all processes; later epochs meet the same files again and replace them without counting.
+exactly once across all processes (except the few images accelerate repeats to even out the last batch across
+processes: an unreadable one among them is counted by each process that meets it); later epochs meet the same
+files again and replace them without counting.
 The per-image state lives in a shared-memory tensor, so ``--dataloader_num_workers`` worker processes update
 the count the training process reads.
 
