@@ -144,3 +144,17 @@ def test_an_image_folder_streams(tmp_path):
         (tmp_path / f"{i}.png").write_bytes(grey_png(level))
     stream = load_source(DataConfig(train_data_dir=str(tmp_path)), streaming=True)
     assert isinstance(stream, datasets.IterableDataset) and len(list(stream)) == 4
+
+
+def test_train_py_trains_on_a_parquet_file_and_names_a_column_without_images(training_runner, sources):
+    from fault_injection import tiny_train_args
+    from test_reliability_data import assert_nothing_written, error_line
+
+    parquet = str(sources / "one.parquet")
+    result = training_runner.run(tiny_train_args(sources / "ok", 1, "--dataset_name", parquet))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training images: 4 (1 channel(s), 8x8)" in result.stderr
+    bad = training_runner.run(tiny_train_args(sources / "bad", 1, "--dataset_name", parquet, "--image_column", "label"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert error_line(bad.stderr).startswith(f"ValueError: --image_column 'label' of --dataset_name '{parquet}' holds ")
+    assert_nothing_written(sources / "bad")
