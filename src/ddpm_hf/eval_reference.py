@@ -185,6 +185,16 @@ def build_eval_reference(config: DataConfig, num_channels: int, class_names: tup
         logger.warning("Evaluating against training images: --streaming holds nothing out and %s has no test split "
                        "(pass --eval_data_dir)", source)
         return EvalReference(images, labels, f"the first {len(images):,} training images (not held out)", False)
+    return _heldout_reference(config, num_channels, class_names, num_heldout, limit)
+
+
+def _heldout_reference(config: DataConfig, num_channels: int, class_names: tuple[str, ...] | None,
+                       num_heldout: int | None, limit: int) -> EvalReference:
+    """The images `holdout_indices` holds out of the training source (or, with none, training images)."""
+    from .dataset_sources import load_source, source_text
+
+    source = source_text(config)
+    label_column = config.label_column if config.class_conditional else None
     dataset = load_source(config)
     train, heldout = holdout_indices(config, dataset)
     if num_heldout is not None and len(heldout) != num_heldout:
