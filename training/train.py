@@ -13,6 +13,7 @@ import sys
 
 from ddpm_hf.checkpointing import RunClock
 from ddpm_hf.data import build_train_dataset
+from ddpm_hf.streaming import build_streaming_dataset
 from ddpm_hf.training import (NonFiniteLossError, PeriodicOutputs, PipelineClasses, ThroughputMeter, build_run, finish,
                               log_dataset, parse_args, prepare_output_dir, resume, setup_accelerator, start_pusher,
                               start_trackers, train_loop)
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None, classes: PipelineClasses | None = None) 
     data_args, model_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     accelerator = setup_accelerator(args)
 
-    # Data: every process shuffles with the same (seed, epoch) permutation; accelerate shards the batches.
-    dataset = build_train_dataset(data_args, seed=args.seed)
+    # Data: every process shuffles with the same (seed, epoch) permutation; accelerate shards the batches. A stream
+    # (--streaming) is split across processes by build_run.
+    build = build_streaming_dataset if data_args.streaming else build_train_dataset
+    dataset = build(data_args, seed=args.seed)
     log_dataset(dataset)
 
     # Network, noise scheduler and its objective, optimiser, LR schedule, EMA, loader.

@@ -8,7 +8,9 @@ successful save and never removes the checkpoint just written.
 
 Our files in each checkpoint (besides accelerate's ``model.safetensors``, ``optimizer.bin``,
 ``random_states_<rank>.pkl``): ``training_state.json`` (step, epoch, position in the epoch, wall time so far,
-LR scheduler state, EMA counters), ``ema.safetensors`` (EMA weights) and ``generator_<rank>.safetensors`` (the noise/timestep RNG).
+LR scheduler state, EMA counters), ``ema.safetensors`` (EMA weights), ``generator_<rank>.safetensors`` (the
+noise/timestep RNG) and, when the training set keeps a state (`data_state_owner`: a stream's position, a lazy
+dataset's count of skipped images), ``data_state_<rank>.json``.
 
 Resuming checks every file first (``check_checkpoint_files``): a missing, truncated or corrupt file, or weights of
 another model config, stop the run with a ValueError naming the file before any state is restored.
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 MARKER = "ddpm_hf_checkpoint.json"
 STATE_FILE = "training_state.json"
+DATA_STATE_FILE = "data_state_{rank}.json"
 EMA_FILE = "ema.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -126,7 +129,12 @@ def remove_partial(output_dir: str) -> None:
 
 
 def rotate(output_dir: str, total_limit: int | None, keep: str) -> list[str]:
-    """Remove the oldest complete checkpoints beyond ``total_limit``, never ``keep``; returns removed paths."""
+    """Remove the oldest complete checkpoints beyond ``total_limit``, never ``keep``; returns removed paths.
+
+    Not accelerate's ``ProjectConfiguration(automatic_checkpoint_naming=True, total_limit=N)``: accelerate 1.15
+    deletes the oldest folder *before* writing the new one (a kill mid-save leaves one complete checkpoint
+    fewer) and counts every folder, partial ones included, under its own ``checkpoints/checkpoint_<i>`` names.
+    """
     if total_limit is None:
         return []
     candidates = [path for _, path in list_checkpoints(output_dir) if os.path.abspath(path) != os.path.abspath(keep)]
@@ -213,10 +221,12 @@ class StateHooks:
         ema: the `EMA`, or None.
         process_index: this process's rank.
         clock: the run's `RunClock`: its total is saved as ``progress.wall_time_s`` and restored on load.
+        data: the training set's state keeper (`data_state_owner`), or None.
     """
 
     def __init__(self, progress: TrainProgress, lr_scheduler: Any, generator: torch.Generator, ema: Any,
-                 process_index: int, clock: RunClock | None = None):
+                 process_index: int, clock: RunClock | None = None, data: Any = None):
+        self.data = data
         self.progress = progress
         self.lr_scheduler = lr_scheduler
         self.generator = generator
@@ -233,11 +243,17 @@ class StateHooks:
     def _generator_file(self, path: str) -> str:
         return os.path.join(path, f"generator_{self.process_index}.safetensors")
 
+    def _data_file(self, path: str) -> str:
+        return os.path.join(path, DATA_STATE_FILE.format(rank=self.process_index))
+
     def save(self, path: str) -> None:
-        """Write our state into checkpoint folder ``path``: every rank its generator, rank 0 the progress (with the
-        run's wall time so far), LR schedule and EMA."""
+        """Write our state into checkpoint folder ``path``: every rank its generator (and its data state), rank 0
+        the progress (with the run's wall time so far), LR schedule and EMA."""
         os.makedirs(path, exist_ok=True)
         save_file({"state": self.generator.get_state()}, self._generator_file(path))
+        if self.data is not None:
+            with open(self._data_file(path), "w") as f:
+                json.dump(self.data.state_dict(), f, indent=2, sort_keys=True)
         if self.process_index != 0:
             return
         if self.clock is not None:
@@ -262,6 +278,8 @@ class StateHooks:
                 config; the message names the file. Nothing has been restored then.
         """
         check_checkpoint_files(path, self.process_index, models)
+        if self.data is not None:
+            self._load_data(path)
         state_file = os.path.join(path, STATE_FILE)
         state = _read(state_file, _load_json)
         generator_state = _read(self._generator_file(path), load_file).get("state")
@@ -278,6 +296,16 @@ class StateHooks:
         if self.ema is not None:
             self._load_ema(path, state)
 
+    def _load_data(self, path: str) -> None:
+        """Restore the training set's state (first: it checks that the checkpoint's data state fits this run)."""
+        data_file = self._data_file(path)
+        state = _read(data_file, _load_json, " (the training set keeps a state: a checkpoint of a run without it, "
+                      "or of fewer processes, cannot continue this one)")
+        try:
+            self.data.load_state_dict(state)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"checkpoint file {data_file} does not fit this run's training data: {err}") from err
+
     def _load_ema(self, path: str, state: dict) -> None:
         if "ema" not in state:
             raise ValueError(f"checkpoint {path} has no EMA weights but --use_ema is set")
@@ -287,6 +315,16 @@ class StateHooks:
         except (KeyError, ValueError) as err:
             raise ValueError(f"checkpoint file {ema_file} does not fit this model (another model config?): "
                              f"{err}") from err
+
+
+def data_state_owner(dataset: Any) -> Any:
+    """What keeps a training set's state: the dataset (or the images inside a class-conditional
+    ``LabelledDataset``, its ``.dataset``) if it has ``state_dict()`` and ``load_state_dict(state)``, else None."""
+    inner = getattr(dataset, "dataset", dataset)
+    for candidate in (dataset, inner):
+        if callable(getattr(candidate, "state_dict", None)) and callable(getattr(candidate, "load_state_dict", None)):
+            return candidate
+    return None
 
 
 def _load_json(path: str) -> Any:

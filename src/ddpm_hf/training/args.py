@@ -269,6 +269,24 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
         raise ValueError(f"--license must be a Hub license identifier such as 'apache-2.0', 'mit' or 'other' "
                          f"(lower case, no spaces), got {train.license!r}")
     _check_optimisation(train)
+    _check_streaming(data, train)
+
+
+def _check_streaming(data: DataArguments, train: TrainingArguments) -> None:
+    """``--streaming``: a source to stream, a length in optimizer steps (a stream's is unknown), and the parts
+    that read the whole training set up front turned off."""
+    check_int("--shuffle_buffer_size", data.shuffle_buffer_size, 1)
+    if not data.streaming:
+        return
+    if data.dataset_name is None and data.train_data_dir is None:
+        raise ValueError("--streaming needs --dataset_name or --train_data_dir (the built-in digits are not streamed)")
+    if train.max_train_steps is None:
+        raise ValueError("--streaming needs --max_train_steps: a stream's length is unknown, so --num_epochs cannot "
+                         "set the run's length (the LR schedule, progress bar and checkpoints count optimizer steps)")
+    for flag, value in (("--class_conditional", data.class_conditional), ("--eval", train.eval)):
+        if value:
+            raise ValueError(f"--streaming cannot be combined with {flag} yet (it reads the labels or reference "
+                             "images of the whole training set up front)")
 
 
 def _check_optimisation(train: TrainingArguments) -> None:

@@ -18,10 +18,11 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
-from ..checkpointing import RunClock, StateHooks, TrainProgress
+from ..checkpointing import RunClock, StateHooks, TrainProgress, data_state_owner
 from ..class_labels import LabelledDataset
 from ..data import EpochShuffleSampler, TrainDataset
 from ..ema import EMA
+from ..streaming import StreamingImageDataset, collate_stream_batch
 from .args import MODEL_PRESETS, DataArguments, ModelArguments, TrainingArguments
 from .objective import DiffusionObjective
 
@@ -58,14 +59,15 @@ class PipelineClasses:
 class TrainingRun:
     """Everything the loop and the export act on; built by `build_run`.
 
-    ``max_steps`` and ``batches_per_epoch`` count optimizer steps and micro-batches of one process.
+    ``max_steps`` and ``batches_per_epoch`` count optimizer steps and micro-batches of one process
+    (``batches_per_epoch`` is None for a stream, whose length is unknown).
     """
 
     accelerator: Accelerator
     data_args: DataArguments
     model_args: ModelArguments
     args: TrainingArguments
-    dataset: TrainDataset
+    dataset: TrainDataset | StreamingImageDataset
     classes: PipelineClasses
     model: torch.nn.Module
     noise_scheduler: Any
@@ -76,7 +78,7 @@ class TrainingRun:
     ema: EMA | None
     generator: torch.Generator
     max_steps: int
-    batches_per_epoch: int
+    batches_per_epoch: int | None
     clock: RunClock
     progress: TrainProgress = field(default_factory=TrainProgress)
 
@@ -218,18 +220,58 @@ def _check_class_embedding(config: dict, num_classes: int | None, source: str) -
                          f"({num_classes} classes + the null class of classifier-free guidance)")
 
 
-def make_dataloader(dataset: TrainDataset, batch_size: int, seed: int,
-                    num_workers: int) -> torch.utils.data.DataLoader:
-    """Batches in a (seed, epoch) permutation that every process shares; accelerate shards them."""
+def make_dataloader(dataset: TrainDataset | StreamingImageDataset, batch_size: int, seed: int, num_workers: int,
+                    process_index: int = 0, num_processes: int = 1) -> torch.utils.data.DataLoader:
+    """The training loader: map-style batches in a (seed, epoch) permutation that every process shares (accelerate
+    shards them), or a stream's batches, made by the `StreamingImageDataset` for this process.
+
+    The permutation is ours rather than accelerate's seedable sampler (``use_seedable_sampler``): it is a pure
+    function of (seed, epoch) that the loop sets, for loaders accelerate did not prepare too, and resume is
+    already bit-exact with it (tests/test_training_resume.py); accelerate's needs the flag on the Accelerator.
+
+    Args:
+        dataset: the training set.
+        batch_size: images per process per micro-batch.
+        seed: the run's seed (the permutation).
+        num_workers: loader worker processes.
+        process_index, num_processes: this process's rank and the process count (a stream is split by them).
+    """
+    if isinstance(dataset, StreamingImageDataset):
+        dataset.configure(batch_size, process_index, num_processes)
+        # Its own generator: creating a loader iterator draws a seed, which must not come from torch's global RNG
+        # (a resumed run creates one more iterator than an uninterrupted one).
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                           collate_fn=collate_stream_batch, generator=torch.Generator().manual_seed(seed))
     sampler = EpochShuffleSampler(len(dataset), seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        drop_last=False)
 
 
-def log_dataset(dataset: TrainDataset) -> None:
+def check_stream_share(accelerator: Accelerator, dataset: StreamingImageDataset) -> None:
+    """Every process's share of the stream must hold one batch; checked on all processes together (one gather of
+    a count each), so that all stop with the error rather than some hanging in the first step.
+
+    Raises:
+        ValueError: naming the processes whose share is short, and what to change.
+    """
+    counts = accelerator.gather(torch.tensor([dataset.first_share()], device=accelerator.device)).tolist()
+    short = {rank: count for rank, count in enumerate(counts) if count < dataset.batch_size}
+    if short:
+        where = ", ".join(f"process {rank}: {count}" for rank, count in short.items())
+        raise ValueError(f"{dataset.source} gives some processes less than one batch of --train_batch_size "
+                         f"{dataset.batch_size} images per epoch ({where}; {accelerator.num_processes} processes). "
+                         "Lower --train_batch_size, use fewer processes, or add data"
+                         + (" (an empty stream holds no records at all)" if not any(counts) else ""))
+
+
+def log_dataset(dataset: TrainDataset | StreamingImageDataset) -> None:
     """One line about the training images, and one about their labels: trained on (a `LabelledDataset`, the
     class-conditional case) or ignored."""
     info = dataset.info
+    if isinstance(dataset, StreamingImageDataset):
+        logger.info("Training images: %s (%d channel(s), %dx%d)", info.split, info.num_channels, info.resolution,
+                    info.resolution)
+        return
     logger.info("Training images: %d (%d channel(s), %dx%d), skipped unreadable: %d; %s", info.num_images,
                 info.num_channels, info.resolution, info.resolution, info.num_skipped, info.split)
     if info.labels is None:
@@ -241,6 +283,19 @@ def log_dataset(dataset: TrainDataset) -> None:
     else:
         logger.info("Label column %r found (%d classes): ignored, this training is unconditional",
                     info.label_column, num_classes)
+
+
+def _log_steps(run: TrainingRun, steps_per_epoch: int | None) -> None:
+    """The run's length, and the total batch (a map-style batch holds at most a process's share of the data)."""
+    args, accelerator = run.args, run.accelerator
+    batch = args.train_batch_size
+    if steps_per_epoch is not None:  # 5 images at batch 64: batches of 5
+        batch = min(batch, math.ceil(len(run.dataset) / accelerator.num_processes))
+    logger.info("Steps: %d optimizer steps, %s per epoch; total batch %d%s", run.max_steps,
+                steps_per_epoch or "unknown (streamed)", batch * args.gradient_accumulation_steps *
+                accelerator.num_processes,
+                f" (--train_batch_size {args.train_batch_size} is more than the {batch} images of each process)"
+                if batch < args.train_batch_size else "")
 
 
 def build_noise_scheduler(model_args: ModelArguments, classes: PipelineClasses) -> Any:
@@ -280,14 +335,24 @@ def build_run(accelerator: Accelerator, dataset: TrainDataset, data_args: DataAr
     noise_scheduler = build_noise_scheduler(model_args, classes)
     objective = DiffusionObjective.from_scheduler(noise_scheduler, args.snr_gamma, accelerator.device, num_classes,
                                                   args.cond_drop_prob)
-    dataloader = make_dataloader(dataset, args.train_batch_size, args.seed, data_args.dataloader_num_workers)
+    dataloader = make_dataloader(dataset, args.train_batch_size, args.seed, data_args.dataloader_num_workers,
+                                 accelerator.process_index, accelerator.num_processes)
     # The fused kernel: 3x faster than the per-tensor loop torch picks for CPU tensors.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=accelerator.device.type in ("cpu", "cuda"))
-    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    # Schedule lengths in optimizer steps: accumulation groups end at every `accum`-th batch and at the epoch end.
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    streaming = isinstance(dataset, StreamingImageDataset)
+    if streaming:
+        check_stream_share(accelerator, dataset)
+        # Not prepared: accelerate would read an iterable dataset on the main process and dispatch its batches;
+        # each process streams its own share instead (`StreamingImageDataset.configure`).
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    # Schedule lengths in optimizer steps: accumulation groups end at every `accum`-th batch and at the epoch end
+    # (a stream's groups run on across epoch ends: its length is unknown, so --max_train_steps is required).
+    batches_per_epoch = None if streaming else len(dataloader)
+    steps_per_epoch = None if streaming else math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     # Not passed to accelerator.prepare: accelerate would step it num_processes times per optimizer step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -296,12 +361,8 @@ def build_run(accelerator: Accelerator, dataset: TrainDataset, data_args: DataAr
               inv_gamma=args.ema_inv_gamma, power=args.ema_power, min_decay=args.ema_min_decay) if args.use_ema else None
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 7919 + accelerator.process_index)
     run = TrainingRun(accelerator, data_args, model_args, args, dataset, classes, model, noise_scheduler, objective,
-                      optimizer, dataloader, lr_scheduler, ema, generator, max_steps, len(dataloader), clock)
-    StateHooks(run.progress, lr_scheduler, generator, ema, accelerator.process_index, clock).register(accelerator)
-    # A batch never holds more images than a process's share of the data (5 images at batch 64: batches of 5).
-    batch = min(args.train_batch_size, math.ceil(len(dataset) / accelerator.num_processes))
-    logger.info("Steps: %d optimizer steps, %d per epoch; total batch %d%s", max_steps, steps_per_epoch,
-                batch * args.gradient_accumulation_steps * accelerator.num_processes,
-                f" (--train_batch_size {args.train_batch_size} is more than the {batch} images of each process)"
-                if batch < args.train_batch_size else "")
+                      optimizer, dataloader, lr_scheduler, ema, generator, max_steps, batches_per_epoch, clock)
+    StateHooks(run.progress, lr_scheduler, generator, ema, accelerator.process_index, clock,
+               data=data_state_owner(dataset)).register(accelerator)
+    _log_steps(run, steps_per_epoch)
     return run

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpointing import TrainProgress, remove_partial, resolve_checkpoint, save_checkpoint
+from ..checkpointing import TrainProgress, data_state_owner, remove_partial, resolve_checkpoint, save_checkpoint
 from .args import public_args
 from .components import TrainingRun
 from .interrupts import CheckpointTimer, StopRequest, TrainingInterrupted, step_decisions
@@ -56,8 +56,10 @@ class _Group:
     rng_snapshot: tuple[torch.Tensor, torch.Tensor]
     loss_sum: torch.Tensor
     images: int = 0
+    taken: int = 0
     grad_norm: torch.Tensor | None = None
     ema_decay: float | None = None
+    data_snapshot: dict[str, Any] | None = None
 
 
 @dataclass
@@ -148,7 +150,8 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
 
     Returns:
         The metrics: ``train_loss`` (the last logged mean), ``global_step``, ``wall_time_minutes`` (the whole run
-        so far), ``skipped_nonfinite_steps``, ``num_processes``.
+        so far), ``skipped_nonfinite_steps``, ``num_processes``, and ``skipped_unreadable_images`` (all processes)
+        where the dataset counts the images it skips as it reads (a stream, a lazy dataset).
 
     Raises:
         NonFiniteLossError: a non-finite loss without ``--skip_nonfinite_steps`` (after checkpointing the last
@@ -190,28 +193,66 @@ def train_loop(run: TrainingRun, on_step_end: Callable[[int, dict[str, Any]], No
         _save(run, progress.global_step, timer)  # still inside: a signal now stops before the export
         if stop.requested:
             _interrupted(run, stop.signum, progress.global_step)
+    skipped = _skipped_images(run)
+    if skipped is not None:
+        metrics["skipped_unreadable_images"] = skipped
+        if skipped:
+            logger.warning("Skipped %d unreadable image(s) while training", skipped)
     metrics.update(global_step=progress.global_step, wall_time_minutes=run.clock.total_s() / 60,
                    skipped_nonfinite_steps=progress.skipped_nonfinite, num_processes=run.accelerator.num_processes)
     return metrics
 
 
-def _groups(run: TrainingRun) -> Iterator[_Group]:
-    """This epoch's accumulation groups, from where the progress stands; each yielded after its backward passes."""
-    progress, accelerator, accum = run.progress, run.accelerator, run.args.gradient_accumulation_steps
-    loader = run.dataloader
+def _epoch_batches(run: TrainingRun) -> Iterator[Any]:
+    """The rest of this epoch's map-style batches, from where the progress stands."""
+    progress, loader = run.progress, run.dataloader
     if progress.batches_in_epoch:
-        loader = accelerator.skip_first_batches(run.dataloader, progress.batches_in_epoch)
+        loader = run.accelerator.skip_first_batches(run.dataloader, progress.batches_in_epoch)
     loader.set_epoch(progress.epoch)  # sampler permutation and augmentation of this epoch
+    yield from loader
+
+
+def _stream_batches(run: TrainingRun) -> Iterator[torch.Tensor]:
+    """A stream's batches from its checkpointed position on, epoch after epoch (without end: the loop stops at
+    ``max_steps``); ``run.progress`` mirrors the epoch and its batches for the log.
+
+    Raises:
+        ValueError: an epoch from its start gave no readable image (names the source).
+    """
+    dataset, progress, device = run.dataset, run.progress, run.accelerator.device
+    while True:
+        from_start, any_images = dataset.position == 0, False
+        progress.epoch, progress.batches_in_epoch = dataset.epoch, -(-dataset.position // dataset.batch_size)
+        for item in run.dataloader:
+            dataset.advance(item)  # consumer side: what a checkpoint after this batch's step must skip
+            if item.images is not None:
+                any_images = True
+                yield item.images.to(device, non_blocking=True)
+        if from_start and not any_images:
+            raise ValueError(f"{dataset.source}: epoch {dataset.epoch} of process {dataset.rank} gave no readable "
+                             f"image ({dataset.num_skipped_seen} unreadable so far)")
+        dataset.next_epoch()
+
+
+def _groups(run: TrainingRun) -> Iterator[_Group]:
+    """Accumulation groups from where the progress stands, each yielded after its backward passes: to this epoch's
+    end (map-style; the last group may be short), or without end for a stream (groups run across epoch ends)."""
+    progress, accelerator, accum = run.progress, run.accelerator, run.args.gradient_accumulation_steps
+    streaming = run.batches_per_epoch is None
+    batches = _stream_batches(run) if streaming else _epoch_batches(run)
+    owner = data_state_owner(run.dataset)
+    data_snapshot = owner.state_dict() if owner is not None else None
     group = None
-    for batch in loader:
-        index = progress.batches_in_epoch
+    for batch in batches:
         if group is None:
-            start = index - index % accum
+            index = progress.batches_in_epoch
+            start = index if streaming else index - index % accum
             # Enough to rewind to the end of the last good step if this one turns out non-finite.
-            group = _Group(start, min(accum, run.batches_per_epoch - start),
+            group = _Group(start, accum if streaming else min(accum, run.batches_per_epoch - start),
                            (run.generator.get_state(), torch.get_rng_state()),
-                           torch.zeros((), device=accelerator.device))
-        last_in_group = index - group.start + 1 == group.size
+                           torch.zeros((), device=accelerator.device), data_snapshot=data_snapshot)
+        group.taken += 1
+        last_in_group = group.taken == group.size
         with contextlib.nullcontext() if last_in_group else accelerator.no_sync(run.model):
             # Unconditional: labels in run.dataset.info are recorded, not used (they will be class_labels here).
             loss = run.objective.loss(run.model, batch, run.generator, model_kwargs={})
@@ -222,6 +263,7 @@ def _groups(run: TrainingRun) -> Iterator[_Group]:
         if last_in_group:
             yield group
             group = None
+            data_snapshot = owner.state_dict() if owner is not None else None
 
 
 def _warn_if_warmup_never_ends(run: TrainingRun) -> None:
@@ -305,6 +347,9 @@ def _log_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, me
         scalars["grad_norm"] = float(group.grad_norm)
     if group.ema_decay is not None:
         scalars["ema_decay"] = group.ema_decay
+    skipped = _skipped_images(run)
+    if skipped is not None:
+        scalars["skipped_unreadable_images"] = metrics["skipped_unreadable_images"] = skipped
     run.accelerator.log(scalars, step=step)
     bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}")
     metrics["train_loss"] = scalars["loss"]
@@ -312,9 +357,21 @@ def _log_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, me
     window.images, window.steps, window.start = 0, 0, time.perf_counter()
 
 
-def _finish_epoch_if_done(progress: TrainProgress, batches_per_epoch: int) -> None:
-    """Move to the next epoch once all its batches are consumed (checkpoints then resume at its start)."""
-    if progress.batches_in_epoch == batches_per_epoch:
+def _skipped_images(run: TrainingRun) -> int | None:
+    """Unreadable images skipped so far by all processes (the dataset's ``num_skipped_seen``, summed: one small
+    collective, at logging steps and the end only); None when the dataset does not count them as it reads."""
+    dataset = run.dataset
+    counter = next((d for d in (dataset, getattr(dataset, "dataset", None)) if hasattr(d, "num_skipped_seen")), None)
+    if counter is None:
+        return None
+    count = torch.tensor(int(counter.num_skipped_seen), device=run.accelerator.device)
+    return int(run.accelerator.reduce(count, "sum").item())
+
+
+def _finish_epoch_if_done(progress: TrainProgress, batches_per_epoch: int | None) -> None:
+    """Move to the next epoch once all its batches are consumed (checkpoints then resume at its start); a stream
+    (None) moves on when it ends."""
+    if batches_per_epoch is not None and progress.batches_in_epoch == batches_per_epoch:
         progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
 
 
@@ -324,6 +381,9 @@ def _stop_on_nonfinite(run: TrainingRun, group: _Group) -> None:
     run.generator.set_state(group.rng_snapshot[0])
     torch.set_rng_state(group.rng_snapshot[1])
     progress.batches_in_epoch = group.start
+    owner = data_state_owner(run.dataset)
+    if owner is not None:
+        owner.load_state_dict(group.data_snapshot)
     saved = None
     if progress.global_step > 0:
         saved = _save(run, progress.global_step)
