@@ -31,11 +31,10 @@ import torch
 
 from . import data as _data
 from .data import DataConfig, DatasetInfo, ImageTransform, is_gray, item_generator, pil_to_float
+from .dataset_sources import FILE_BUILDERS, load_source, source_name, source_text
 
 logger = logging.getLogger(__name__)
 
-# The local shard formats and the `datasets` packaged builder that streams each.
-SHARD_BUILDERS = {".parquet": "parquet", ".tar": "webdataset"}
 # DATA may publish the decoder as `open_image`; until then it is `_open_image` (same signature).
 _open_image = getattr(_data, "open_image", None) or _data._open_image
 
@@ -75,7 +74,7 @@ def local_shards(path: str) -> list[str] | None:
     """
     if os.path.isdir(path):
         files = [os.path.join(path, name) for name in os.listdir(path)]
-        files = [f for f in files if os.path.splitext(f)[1] in SHARD_BUILDERS]
+        files = [f for f in files if os.path.splitext(f)[1] in FILE_BUILDERS]
         if not files:
             return None  # an image folder
     elif any(char in path for char in "*?["):
@@ -87,9 +86,9 @@ def local_shards(path: str) -> list[str] | None:
     else:
         return None
     kinds = {os.path.splitext(f)[1] for f in files}
-    if not kinds <= SHARD_BUILDERS.keys() or len(kinds) > 1:
+    if not kinds <= FILE_BUILDERS.keys() or len(kinds) > 1:
         raise ValueError(f"--dataset_name {path!r}: --streaming reads shards of one format, "
-                         f"{' or '.join(SHARD_BUILDERS)}; found {', '.join(sorted(kinds))}")
+                         f"{' or '.join(FILE_BUILDERS)}; found {', '.join(sorted(kinds))}")
     return sorted(files)
 
 
@@ -143,14 +142,11 @@ def _tar_index(path: str) -> tuple[set[str], int]:
     return {base.split(".", 1)[1] for base in bases if "." in base}, len(names)
 
 
-def _source_text(config: DataConfig) -> str:
-    if config.train_data_dir is not None:
-        return f"--train_data_dir {config.train_data_dir!r}"
-    return f"--dataset_name {config.dataset_name!r}"
-
-
 def open_stream(config: DataConfig) -> Any:
-    """The ``train`` split as a `datasets.IterableDataset`, local files checked first.
+    """The ``train`` split as a `datasets.IterableDataset`; local shards are checked first.
+
+    Local parquet / webdataset shards are streamed from the checked list (empty shards left out, which
+    `datasets` would fail on); every other source goes through `ddpm_hf.dataset_sources.load_source`.
 
     Args:
         config: ``dataset_name`` (Hub name, shard file, glob or folder; ``dataset_config_name``) or
@@ -164,27 +160,18 @@ def open_stream(config: DataConfig) -> Any:
     if (config.dataset_name is None) == (config.train_data_dir is None):
         raise ValueError("--streaming needs exactly one of --dataset_name or --train_data_dir (the built-in digits "
                          "are not streamed)")
-    source = _source_text(config)
-    kwargs: dict[str, Any] = {"split": "train", "streaming": True, "cache_dir": config.cache_dir}
-    if config.train_data_dir is not None:
-        if not os.path.isdir(config.train_data_dir):
-            raise ValueError(f"{source} is not a directory")
-        args: tuple = ("imagefolder",)
-        kwargs["data_dir"] = config.train_data_dir
+    source = source_text(config)
+    shards = local_shards(config.dataset_name) if config.dataset_name is not None else None
+    if shards is None:
+        stream = load_source(config, streaming=True)
     else:
-        shards = local_shards(config.dataset_name)
-        if shards is not None:
-            shards = check_shards(shards, config.image_column)
-            args = (SHARD_BUILDERS[os.path.splitext(shards[0])[1]],)
-            kwargs["data_files"] = {"train": shards}
-        elif os.path.isdir(config.dataset_name):
-            args, kwargs["data_dir"] = ("imagefolder",), config.dataset_name
-        else:
-            args = (config.dataset_name, config.dataset_config_name)
-    try:
-        stream = datasets.load_dataset(*args, **kwargs)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DataFilesNotFoundError) as err:
-        raise ValueError(f"could not stream images from {source}: {err}") from err
+        shards = check_shards(shards, config.image_column)
+        builder = FILE_BUILDERS[os.path.splitext(shards[0])[1]]
+        try:
+            stream = datasets.load_dataset(builder, data_files={"train": shards}, split="train", streaming=True,
+                                           cache_dir=config.cache_dir)
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"could not stream images from {source}: {err}") from err
     columns = stream.column_names
     if columns is not None and config.image_column not in columns:
         raise ValueError(f"--image_column {config.image_column!r} is not a column of {source}; columns: {columns}")
@@ -360,9 +347,9 @@ def build_streaming_dataset(config: DataConfig, seed: int = 0) -> StreamingImage
     if config.class_conditional:
         raise ValueError("--streaming with --class_conditional is not supported: the labels are read up front")
     stream = open_stream(config)
-    source = _source_text(config)
+    source = source_text(config)
     num_channels = config.num_channels or _first_channels(stream, config.image_column, source)
-    name = config.train_data_dir if config.train_data_dir is not None else config.dataset_name
+    name = source_name(config)
     transform = ImageTransform(config.resolution, center_crop=config.center_crop, random_flip=config.random_flip)
     return StreamingImageDataset(stream, config.image_column, transform, num_channels, seed=seed,
                                  shuffle_buffer_size=config.shuffle_buffer_size, name=name,
