@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every arm (default 1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--with-1000", action="store_true", help="add the 1000-step tiny case")
-    parser.add_argument("--cifar-steps", type=int, default=3)
+    parser.add_argument("--cifar-steps", type=int, default=3, help="0 skips the CIFAR-10 case")
     parser.add_argument("--compile", action="store_true", help="torch.compile our fast-path unet (cost reported)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,7 +96,8 @@ def main() -> None:
     cases = [("tiny 16x16", "tiny", 16, 50)]
     if args.with_1000:
         cases.append(("tiny 16x16", "tiny", 16, 1000))
-    cases.append(("CIFAR-10 32x32", "ddpm-cifar10", 4, args.cifar_steps))
+    if args.cifar_steps:
+        cases.append(("CIFAR-10 32x32", "ddpm-cifar10", 4, args.cifar_steps))
     summary = [(name, steps, run_case(name, preset, batch, steps, args.repeats, args.compile))
                for name, preset, batch, steps in cases]
     print("summary (median diffusers / ours):")
