@@ -137,6 +137,16 @@ def effective_mixed_precision(requested: str | None) -> str | None:
     return "no" if wanted == "fp16" and _on_cpu_only() else requested
 
 
+def _warn_if_bf16_emulated() -> None:
+    """Warn that bf16 autocast on this CPU runs on emulated kernels (fp32 arithmetic plus conversions, slower than
+    fp32); the run still trains correctly (fp32 master weights), so it is a warning, not a refusal."""
+    from ..hardware import describe_hardware
+
+    if not describe_hardware().cpu_bf16_native:
+        logger.warning("--mixed_precision bf16: this CPU has no native bf16 instructions (avx512_bf16/AMX), so "
+                       "oneDNN emulates them and training will be slower than fp32; use --mixed_precision no.")
+
+
 def setup_accelerator(args: TrainingArguments) -> Accelerator:
     """The accelerator, logging (INFO on the main process), torch threads and global seeds.
 
@@ -160,6 +170,8 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     if requested == "fp16" and args.mixed_precision == "no":
         logger.warning("--mixed_precision fp16 does nothing on a CPU (it would train in fp32 anyway): running with "
                        "mixed_precision=no. Use bf16 for reduced precision on a CPU.")
+    if args.mixed_precision == "bf16" and _on_cpu_only():
+        _warn_if_bf16_emulated()
     check_world_size(accelerator)
     threads = configure_threads(args.num_threads, accelerator.device)
     logger.info("num_processes=%d device=%s mixed_precision=%s torch_threads=%d", accelerator.num_processes,
