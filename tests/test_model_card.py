@@ -219,8 +219,10 @@ def test_user_strings_never_break_the_yaml_header(folder, dataset_name, note):
                    dataset_name=dataset_name, dataset_is_local=True,
                    evaluation=dataclasses.replace(EVAL, reference=f"real {note}", heldout=True))
     data, _, path = card(folder, **changes)
+    index = data.pop("model-index")
     assert data == {"library_name": "diffusers", "pipeline_tag": "unconditional-image-generation",
                     "tags": list(ddpm_hf.model_card.TAGS)}
+    assert {r["dataset"]["name"] for r in index[0]["results"]} == {f"real {note}".strip()}  # intact through YAML
     assert ModelCard.load(path).data.library_name == "diffusers"  # huggingface_hub's own parser agrees
 
 

@@ -96,6 +96,7 @@ class RunFacts:
         evaluation: the evaluation, or None when none was run.
         class_names: a class-conditional model's class names (id k = ``class_names[k]``); None: unconditional.
             The saved network must embed them plus the null class (``num_class_embeds = K + 1``).
+        loss_plot: the training-loss plot's path relative to the export folder (must exist there), or None.
     """
 
     training_args: dict[str, Any]
@@ -110,3 +111,4 @@ class RunFacts:
     metrics: dict[str, Any] = field(default_factory=dict)
     evaluation: EvalFacts | None = None
     class_names: tuple[str, ...] | None = None
+    loss_plot: str | None = None

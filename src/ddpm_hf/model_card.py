@@ -35,6 +35,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 # The facts live in card_facts; they are imported from here too (the card's public interface).
+from .card_evaluation import (COUNT_KEYS, CONTEXT_KEYS, EVAL_KEY, evaluation_notes, measured_on, metric_label,
+                              model_index_results)
 from .card_facts import SAMPLERS, EvalFacts, GridFacts, RunFacts  # noqa: F401
 from .data import DIGITS_NAME
 from .hub import scrub_secrets
@@ -43,6 +45,7 @@ from .validation import check_bool, check_int, is_finite_real, is_int
 
 TEMPLATE_PATH = shipped_file("model_card.md", "model_card.md")
 UNCONDITIONAL_TAG = "unconditional-image-generation"  # also the pipeline tag of an unconditional model
+CONDITIONAL_TASK = "class-conditional-image-generation"  # the model-index task of a class-conditional model
 TAGS = ("ddpm", "diffusers", "diffusers-ddpm", "ddpm_hf", UNCONDITIONAL_TAG)
 CONDITIONAL_TAGS = TAGS[:-1] + ("class-conditional", "classifier-free-guidance")
 SNIPPET_BATCH = 16  # images the usage snippets draw
@@ -52,32 +55,9 @@ _SECRET_KEY = re.compile(r"token|password|passwd|secret|api[_-]?key|credential",
 LICENSE_PATTERN = re.compile(r"[a-z0-9][a-z0-9.+_-]*")  # Hub license ids: apache-2.0, mit, cc-by-4.0, other
 # A reference described as held out (but not "not held out") while EvalFacts.heldout is False contradicts itself.
 _HELD_OUT_WORDS = re.compile(r"(?<!not )held[\s-]*out|unseen|never seen|not trained on", re.IGNORECASE)
-# Keys of ddpm_hf.evaluate's results: metrics are shown only in the Evaluation section and only with EvalFacts;
-# counts beside each metric; the CLI's sampling context is stated from EvalFacts' own fields.
-_COUNT_KEYS = ("num_generated", "num_real_a", "num_real_b", "num_bpd_images", "num_per_class", "num_real_b_per_class")
-# The images behind each metric, stated beside it: (metric key pattern, text over the count keys); first match wins.
-_MEASURED_ON = (
-    (re.compile(r"fid_.*_floor"), "{num_real_a} real (half A) vs {num_real_b} real (half B)"),
-    (re.compile(r"(fid|kid)_.*"), "{num_generated} generated vs {num_real_b} real (half B)"),
-    (re.compile(r"bits_per_dim"), "{num_bpd_images} of the reference images"),
-    (re.compile(r"classifier_confidence_real"), "{num_real_b} real (half B)"),
-    (re.compile(r"class_.*|classifier_confidence"), "{num_generated} generated"),
-)
-# ddpm_hf.evaluate.evaluate_conditional's results (a class-conditional model): samples per class, halves per class.
-_MEASURED_ON_CONDITIONAL = (
-    (re.compile(r"fid_.*_floor_per_class"), "each class: {num_per_class} real (half A) vs its real half B"),
-    (re.compile(r"fid_.*_per_class"), "each class: {num_per_class} generated vs its real half B"),
-    (re.compile(r"fid_.*_floor"), "{num_per_class} real per class (half A) vs all of half B"),
-    (re.compile(r"fid_.*"), "{num_per_class} generated per class vs all of half B"),
-    (re.compile(r"conditional_accuracy.*|nfe_per_sample"), "{num_per_class} generated per class"),
-    (re.compile(r"classifier_accuracy_real"), "all the real reference images"),
-)
-_CONTEXT_KEYS = ("sampler", "num_inference_steps", "seed", "real_split", "bpd_split", "classes", "guidance_scale",
-                 "guidance_rescale")
-_EVAL_KEY = re.compile(r"fid_.*|bits_per_dim|class_histogram|class_balance|classifier_confidence(_real)?"
-                       r"|conditional_accuracy(_per_class)?|classifier_accuracy_real|nfe_per_sample")
 # Run bookkeeping the card states in its own words (the whole run's wall time comes from RunFacts.wall_time_s).
 _BOOKKEEPING_KEY = re.compile(r"global_step|wall_time.*")
+SKIPPED_KEY = "skipped_unreadable_images"  # the training loop's count, stated in the card's Training list
 
 
 @dataclass(frozen=True)
@@ -256,7 +236,12 @@ def _check_run(run: RunFacts, folder: SavedFolder, out: Path) -> None:
         run.grid.check("RunFacts.grid", folder.num_train_timesteps)
         if not (out / run.grid.filename).is_file():
             raise ValueError(f"RunFacts.grid.filename {run.grid.filename!r} is not a file in {str(out)!r}")
-    stray = sorted(k for k in run.metrics if _EVAL_KEY.fullmatch(k))
+    if run.loss_plot is not None and not (out / run.loss_plot).is_file():
+        raise ValueError(f"RunFacts.loss_plot {run.loss_plot!r} is not a file in {str(out)!r}")
+    skipped = run.metrics.get(SKIPPED_KEY)
+    if skipped is not None:
+        check_int(f"RunFacts.metrics[{SKIPPED_KEY!r}]", skipped, 0)
+    stray = sorted(k for k in run.metrics if EVAL_KEY.fullmatch(k))
     if run.evaluation is None and stray:
         raise ValueError(f"RunFacts.metrics holds evaluation results {stray} but RunFacts.evaluation is None: pass "
                          "an EvalFacts saying what they were measured against")
@@ -292,9 +277,9 @@ def _check_evaluation(evaluation: EvalFacts, folder: SavedFolder) -> None:
         raise ValueError(f"RunFacts.evaluation.reference {evaluation.reference!r} calls the images held out, but "
                          "heldout is False")
     results = evaluation.results
-    if not isinstance(results, dict) or not any(_EVAL_KEY.fullmatch(k) for k in results):
+    if not isinstance(results, dict) or not any(EVAL_KEY.fullmatch(k) for k in results):
         raise ValueError("RunFacts.evaluation.results must be evaluate_pipeline's result (no metric found in it)")
-    needed = {name for key in results for _, name, _, _ in string.Formatter().parse(_measured_on(key, results))
+    needed = {name for key in results for _, name, _, _ in string.Formatter().parse(measured_on(key, results))
               if name}
     missing = sorted(k for k in needed if not is_int(results.get(k)))
     if missing:
@@ -321,78 +306,20 @@ def _dataset(run: RunFacts, resolution: int) -> tuple[list[str] | None, str]:
 # ---- the evaluation section --------------------------------------------------------------------------------------
 
 
-def _metric_label(key: str) -> str:
-    if key.startswith("fid_"):
-        per_class = key.endswith("_per_class")
-        key = key.removesuffix("_per_class")
-        features = key[4:].removesuffix("_floor")
-        kind = "FID floor (real vs real)" if key.endswith("_floor") else "FID"
-        return f"{kind}, {features} features" + (", per class (class order)" if per_class else "")
-    if key.startswith("kid_"):
-        features = key[4:].removesuffix("_std")
-        return f"KID{' std over subsets' if key.endswith('_std') else ''}, {features} features"
-    return {
-        "conditional_accuracy": "Conditional accuracy (the digits classifier names the requested class)",
-        "conditional_accuracy_per_class": "Conditional accuracy per class (class order)",
-        "classifier_accuracy_real": "Classifier accuracy on real images (reference for the conditional accuracy)",
-        "nfe_per_sample": "Network evaluations per sample (a guided step counts 2)",
-        "bits_per_dim": "Bits/dim (variational bound; lower is better)",
-        "class_histogram": "Predicted class histogram of samples",
-        "class_balance": "Class balance of samples (normalised entropy, 1 = uniform)",
-        "classifier_confidence": "Mean classifier confidence on samples",
-        "classifier_confidence_real": "Mean classifier confidence on real images",
-    }.get(key, key)
-
-
-def _measured_on(key: str, results: dict[str, Any]) -> str:
-    """The images behind a metric, as a template over the result's count keys ("" for a metric of unknown kind);
-    ``results`` of a class-conditional evaluation (``conditional_accuracy`` in them) count per class."""
-    table = _MEASURED_ON_CONDITIONAL if "conditional_accuracy" in results else _MEASURED_ON
-    return next((text for pattern, text in table if pattern.fullmatch(key)), "")
-
-
-def _evaluation_notes(evaluation: EvalFacts) -> list[str]:
-    r = evaluation.results
-    notes = []
-    if any(k.startswith("fid_") for k in r):
-        notes.append("FID is the Frechet distance between feature statistics of generated and real images; the "
-                     "floor is the same distance between two disjoint sets of real images, what a perfect model "
-                     "would score at that sample count. FID depends on the sample count: compare it with the "
-                     "floor beside it, and with other FIDs only at the same counts and features.")
-        if "conditional_accuracy" not in r and r.get("num_real_a") != r.get("num_generated"):
-            notes.append(f"The floor uses {r.get('num_real_a')} real images where the FID uses "
-                         f"{r.get('num_generated')} generated ones (too few real images to match).")
-    if any(k.startswith("kid_") for k in r):
-        notes.append("KID is the unbiased polynomial-kernel MMD between the same features (Binkowski et al. 2018), "
-                     "averaged over random subsets; unlike FID it has no bias from the sample count.")
-    if any(k.startswith("fid_digits") for k in r):
-        notes.append("The digits features are the 64 penultimate activations of a small digits classifier; "
-                     "these FIDs are not comparable with Inception FIDs from papers.")
-    if "conditional_accuracy" in r:
-        notes.append(f"Each class was asked for {r['num_per_class']} samples with classifier-free guidance scale "
-                     f"w = {r['guidance_scale']:g}. The classifier's own accuracy on real images is shown for "
-                     "reference; guided samples, more prototypical than real ones, can score above it.")
-    if "bits_per_dim" in r:
-        where = ("images training never saw" if evaluation.heldout else
-                 "images the model was trained on, so it is a training-set bound, not a test likelihood")
-        notes.append(f"Bits/dim is the DDPM variational bound on the negative log-likelihood, on {where}.")
-    return notes
-
-
 def _evaluation_vars(evaluation: EvalFacts | None) -> dict[str, Any]:
     if evaluation is None:
         return {"evaluated": False}
     r = evaluation.results
     heldout = ("These images were held out: training never saw them." if evaluation.heldout else
                "These are training data: the model trained on them, so the numbers do not measure generalisation.")
-    rows = [(_inline(_metric_label(k)), _format_value(v), _inline(_measured_on(k, r).format(**r)))
-            for k, v in r.items() if k not in _COUNT_KEYS + _CONTEXT_KEYS]
+    rows = [(_inline(metric_label(k)), _format_value(v), _inline(measured_on(k, r).format(**r)))
+            for k, v in r.items() if k not in COUNT_KEYS + CONTEXT_KEYS]
     return {
         "evaluated": True,
         "eval_reference": _inline(f"{evaluation.reference.strip().rstrip('.')}. {heldout}"),
         "eval_sampler": _inline(evaluation.describe()),
         "eval_rows": rows,
-        "eval_notes": [_inline(n) for n in _evaluation_notes(evaluation)],
+        "eval_notes": [_inline(n) for n in evaluation_notes(evaluation)],
     }
 
 
@@ -438,7 +365,8 @@ def _class_vars(run: RunFacts) -> dict[str, Any]:
 
 def _training_vars(run: RunFacts) -> dict[str, Any]:
     stats = [(_inline(k), _format_value(v)) for k, v in run.metrics.items()
-             if not (_EVAL_KEY.fullmatch(k) or _BOOKKEEPING_KEY.fullmatch(k) or k in _COUNT_KEYS + _CONTEXT_KEYS)]
+             if not (EVAL_KEY.fullmatch(k) or _BOOKKEEPING_KEY.fullmatch(k) or k in COUNT_KEYS + CONTEXT_KEYS
+                     or k == SKIPPED_KEY)]
     return {
         "split_text": _inline(run.train_split),
         "steps_text": str(run.global_step),
@@ -447,7 +375,19 @@ def _training_vars(run: RunFacts) -> dict[str, Any]:
         "hyperparameters": [(_inline(k), _format_value(v))
                             for k, v in sorted(_without_local_paths(strip_secrets(run.training_args)).items())],
         "train_stats": stats,
+        "skipped_images": run.metrics.get(SKIPPED_KEY),
     }
+
+
+def _model_index(run: RunFacts, title: str, datasets: list[str] | None) -> dict[str, Any]:
+    """``ModelCardData``'s ``model_name`` and ``eval_results`` (the YAML ``model-index``); nothing unevaluated."""
+    if run.evaluation is None:
+        return {}
+    name = run.dataset_name.strip()
+    dataset_type = datasets[0] if datasets else os.path.basename(os.path.normpath(name)) or name
+    task = CONDITIONAL_TASK if run.class_names is not None else UNCONDITIONAL_TAG
+    results = model_index_results(run.evaluation, task, dataset_type, run.evaluation.reference.strip())
+    return {"model_name": title, "eval_results": results} if results else {}
 
 
 def _grid_caption(run: RunFacts) -> str:
@@ -480,21 +420,24 @@ def write_model_card(output_dir: str | os.PathLike, run: RunFacts, template_path
     _check_run(run, folder, out)
     datasets, dataset_text = _dataset(run, folder.sample_size)
     conditional = run.class_names is not None
+    title = _inline(run.repo_id.split("/")[-1] if run.repo_id else "DDPM")
     card_data = _AsciiCardData(library_name="diffusers", pipeline_tag=None if conditional else UNCONDITIONAL_TAG,
                                license=run.license, datasets=datasets,
-                               tags=list(CONDITIONAL_TAGS if conditional else TAGS))
+                               tags=list(CONDITIONAL_TAGS if conditional else TAGS),
+                               **_model_index(run, title, datasets))
     channels = {1: "grey", 3: "RGB"}.get(folder.in_channels, f"{folder.in_channels}-channel")
     grid = run.grid
     card = _Card.from_template(
         card_data,
         template_path=str(template),
-        model_title=_inline(run.repo_id.split("/")[-1] if run.repo_id else "DDPM"),
+        model_title=title,
         dataset_text=dataset_text,
         image_text=f"{folder.sample_size}x{folder.sample_size} {channels}",
         scheduler_name=_inline(folder.scheduler_name),
         num_train_timesteps=folder.num_train_timesteps,
         grid_url=quote(grid.filename) if grid else None,
         grid_caption=_inline(_grid_caption(run)) if grid else None,
+        loss_plot_url=quote(run.loss_plot) if run.loss_plot else None,
         snippet_batch=SNIPPET_BATCH,
         **_usage_vars(run, folder, out),
         **_training_vars(run),

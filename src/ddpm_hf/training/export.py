@@ -19,8 +19,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageOps
 
+from . import loss_history
 from .args import public_args
 from .components import TrainingRun
 from .evaluation import evaluate_run
@@ -108,27 +110,38 @@ def grid_request(run: TrainingRun) -> dict[str, Any]:
 
 
 def make_grid(images: np.ndarray, min_tile: int = 64, cols: int | None = None) -> Image.Image:
-    """Tile ``(N, H, W, C)`` images in [0, 1] row by row into a grid, upscaled so tiles are visible.
+    """Tile ``(N, H, W, C)`` images in [0, 1] row by row into a grid (diffusers' ``make_image_grid``), with one
+    pixel of white between tiles, upscaled so tiles are visible.
 
     Args:
         images: the images.
-        min_tile: tiles are upscaled (nearest) by an integer factor to at least this many pixels.
+        min_tile: the grid is upscaled (nearest) by an integer factor so tiles have at least this many pixels.
         cols: tiles per row (default: a near-square grid).
 
     Returns:
-        The grid, one pixel of white between tiles.
+        The grid (grey for one channel, else RGB); a short last row is filled with white tiles.
     """
     n, h, w, c = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1, c), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, col = divmod(i, cols)
-        canvas[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = image
-    pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8)
-    grid = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
+    pixels = (images.clip(0, 1) * 255).round().astype(np.uint8)
+    tiles = [Image.fromarray(p[:, :, 0] if c == 1 else p) for p in pixels]
+    tiles += [Image.new(tiles[0].mode, (w, h), "white")] * (rows * cols - n)
+    # make_image_grid has no spacing: each tile gets a white pixel above and left of it, the grid one right/below.
+    tiles = [ImageOps.expand(t, border=(1, 1, 0, 0), fill="white") for t in tiles]
+    grid = ImageOps.expand(make_image_grid(tiles, rows=rows, cols=cols), border=(0, 0, 1, 1), fill="white")
+    grid = grid.convert("L") if c == 1 else grid  # make_image_grid pastes onto RGB
     scale = max(1, min_tile // h)
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+
+def log_grid(run: TrainingRun, grid: Image.Image, step: int) -> None:
+    """Send the sample grid to the run's trackers as image ``samples`` at ``step`` (as diffusers' example does)."""
+    for tracker in run.accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"samples": np.asarray(grid.convert("RGB"))[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):  # wandb and the others take a list of PIL images
+            tracker.log_images({"samples": [grid]}, step=step)
 
 
 def repo_id(run: TrainingRun) -> str:
@@ -139,7 +152,7 @@ def repo_id(run: TrainingRun) -> str:
 # ---- the card ---------------------------------------------------------------------------------------------------
 
 
-def write_card(run: TrainingRun, metrics: dict[str, Any], evaluation: Any = None) -> str:
+def write_card(run: TrainingRun, metrics: dict[str, Any], evaluation: Any = None, loss_plot: str | None = None) -> str:
     """The model card ``README.md`` from the run's facts (`ddpm_hf.model_card.RunFacts`); returns its path."""
     from ..model_card import GridFacts, RunFacts, write_model_card
 
@@ -153,7 +166,8 @@ def write_card(run: TrainingRun, metrics: dict[str, Any], evaluation: Any = None
                      dataset_is_local=info.is_local, train_split=info.split, global_step=run.progress.global_step,
                      wall_time_s=run.clock.total_s(), license=args.license,
                      repo_id=repo_id(run) if args.push_to_hub else None, grid=grid, metrics=metrics,
-                     evaluation=evaluation, class_names=info.class_names if conditional else None)
+                     evaluation=evaluation, class_names=info.class_names if conditional else None,
+                     loss_plot=loss_plot)
     return write_model_card(args.output_dir, facts)
 
 
@@ -179,8 +193,11 @@ def write_outputs(run: TrainingRun, metrics: dict[str, Any], pusher: Any = None,
     with phase(f"Sample grid ({run.model_args.grid_sampler.upper()}, {steps} steps)"):
         grid = sample_grid(sampler, steps, seed=run.args.seed, **grid_request(run))
         grid.save(os.path.join(run.args.output_dir, GRID_FILENAME))
+    log_grid(run, grid, run.progress.global_step)
+    plotted = loss_history.plot_history(loss_history.read_history(run.args.output_dir),
+                                        os.path.join(run.args.output_dir, loss_history.PLOT_FILENAME))
     metrics["wall_time_minutes"] = run.clock.total_s() / 60  # the card's time includes this export
-    write_card(run, metrics, evaluation)
+    write_card(run, metrics, evaluation, loss_history.PLOT_FILENAME if plotted else None)
     if pusher is not None:
         pusher.push(f"Step {run.progress.global_step}" + (" (final)" if final else ""))
 
@@ -195,20 +212,26 @@ def phase(what: str) -> Iterator[None]:
 
 
 class PeriodicOutputs:
-    """The ``on_step_end`` hook of `train_loop`: grids and exports every ``--save_images_steps`` /
-    ``--save_model_steps`` steps (the export is pushed only at ``--save_model_steps``), on the main process.
+    """The ``on_step_end`` hook of `train_loop`: the loss history at every logging step, grids and exports every
+    ``--save_images_steps`` / ``--save_model_steps`` steps (the export is pushed only at ``--save_model_steps``),
+    on the main process.
 
     Args:
-        run: the run.
+        run: the run, resumed already (its history past the resumed step is dropped: those steps are replayed).
         pusher: the Hub pusher, or None.
     """
 
     def __init__(self, run: TrainingRun, pusher: Any = None):
         self.run = run
         self.pusher = pusher
+        if run.accelerator.is_main_process:
+            loss_history.truncate_history(run.args.output_dir, run.progress.global_step)
 
     def __call__(self, step: int, metrics: dict[str, Any]) -> None:
         args = self.run.args
+        logged = step % args.logging_steps == 0 or step == self.run.max_steps  # the loop's logging steps
+        if self.run.accelerator.is_main_process and logged and "train_loss" in metrics:
+            loss_history.append_loss(args.output_dir, step, metrics["train_loss"])
         periodic_images = args.save_images_steps and step % args.save_images_steps == 0
         periodic_model = args.save_model_steps and step % args.save_model_steps == 0
         if self.run.accelerator.is_main_process and step < self.run.max_steps and (periodic_images or periodic_model):
