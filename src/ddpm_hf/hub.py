@@ -4,8 +4,9 @@ Where diffusers' ``train_unconditional.py`` uploads its whole output folder (che
 and RNG pickles, tensorboard logs) and ignores ``--hub_private_repo`` (docs/hub.md), :class:`HubPusher` creates
 the repo with the requested visibility and uploads only the export files. Each push copies the allowed files
 to a private staging folder first, so the upload sees one consistent export even while training keeps
-writing, and a single background worker uploads it with retries and exponential backoff on server errors,
-timeouts and connection errors. A failure is logged with the command to push by hand; the access token is
+writing, and ``HfApi.run_as_future`` (huggingface_hub's one worker thread) uploads it in the background with
+huggingface_hub's own request retries, plus whole attempts with exponential backoff on server errors, timeouts and
+connection errors (what those retries cannot outlast); a push still waiting is replaced by a newer one. A failure is logged with the command to push by hand; the access token is
 scrubbed from every message.
 """
 
@@ -18,6 +19,8 @@ import shutil
 import tempfile
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 
 import huggingface_hub
@@ -72,37 +75,17 @@ def scrub_secrets(text: str, secrets: tuple[str | None, ...] = ()) -> str:
     return _HF_TOKEN_RE.sub("***", text)
 
 
-class SecretFilter(logging.Filter):
-    """A logging filter that scrubs secrets from records; attach it to handlers (handler filters see every record).
-
-    Args:
-        secrets: strings to replace by ``***`` (for example the Hub token); HF-token-shaped strings always are.
-    """
-
-    def __init__(self, secrets: tuple[str | None, ...] = ()):
-        super().__init__()
-        self.secrets = tuple(s for s in secrets if s)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        scrubbed = scrub_secrets(message, self.secrets)
-        if scrubbed != message:
-            record.msg, record.args = scrubbed, None
-        return True
-
-
 def set_request_timeout(seconds: float) -> None:
     """Give every huggingface_hub HTTP call in this process a per-operation timeout (connect, read, write).
 
     huggingface_hub's default client has no timeout, so a Hub that accepts a connection and never answers
-    would hang an upload, and the end of training with it, forever.
+    would hang an upload, and the end of training with it, forever. Through public API only: the new clients keep
+    the request hooks of the client huggingface_hub had configured (offline mode, request ids).
     """
-    from huggingface_hub.utils._http import default_client_factory
+    hooks = dict(huggingface_hub.get_session().event_hooks)
 
     def factory():
-        client = default_client_factory()
-        client.timeout = httpx.Timeout(seconds)
-        return client
+        return httpx.Client(event_hooks=hooks, follow_redirects=True, timeout=httpx.Timeout(seconds))
 
     huggingface_hub.set_client_factory(factory)
 
@@ -171,10 +154,8 @@ class HubPusher:
         if request_timeout_s is not None:
             set_request_timeout(request_timeout_s)
         self._repo_url: str | None = None
-        self._cond = threading.Condition()
-        self._queued: tuple[str, Path] | None = None
-        self._worker: threading.Thread | None = None
-        self._busy = False
+        self._lock = threading.Lock()
+        self._latest: tuple[Future, Path] | None = None  # the newest push: its future and its snapshot
         self._last_ok: bool | None = None
 
     # ---------------------------------------------------------------- public API
@@ -216,16 +197,15 @@ class HubPusher:
         except OSError as err:  # disk full, permissions: the export stays local, training goes on
             logger.error(self._scrub(f"Could not stage {self.folder} for push '{commit_message}': {_describe(err)}. "
                                      f"{self.manual_push_hint()}"))
-            with self._cond:
+            with self._lock:
                 self._last_ok = False
             return
-        with self._cond:
-            if self._queued is not None:
-                shutil.rmtree(self._queued[1], ignore_errors=True)
-            self._queued = (commit_message, staging)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="ddpm_hf-hub-push", daemon=True)
-                self._worker.start()
+        with self._lock:
+            # Latest wins: a push still waiting behind a running one is cancelled (HfApi runs futures one at a time).
+            if self._latest is not None and self._latest[0].cancel():
+                shutil.rmtree(self._latest[1], ignore_errors=True)
+            future = self._api.run_as_future(self._upload, commit_message, staging)
+            self._latest = (future, staging)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the queued and running pushes are done.
@@ -237,14 +217,15 @@ class HubPusher:
             True if the last push landed (or nothing was pushed), False if it failed or did not finish in time;
             the failure has been logged with the command to push by hand.
         """
-        with self._cond:
-            finished = self._cond.wait_for(lambda: self._queued is None and not self._busy, timeout)
-            last_ok = self._last_ok
+        with self._lock:
+            latest = self._latest
+        finished = latest is None or not futures.wait([latest[0]], timeout).not_done  # FIFO: older ones are done
         if not finished:
             logger.error(self._scrub(f"The push to {self.repo_id} did not finish within {timeout} s. "
                                      f"{self.manual_push_hint()}"))
             return False
-        return last_ok is not False
+        with self._lock:
+            return self._last_ok is not False
 
     def manual_push_command(self) -> str:
         """The shell command that pushes the export folder by hand with the same exclusions (no token in it)."""
@@ -284,23 +265,6 @@ class HubPusher:
             shutil.copy2(self.folder / rel, target)
         return staging
 
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                if self._queued is None:
-                    self._busy = False
-                    self._worker = None
-                    self._cond.notify_all()
-                    return
-                (message, staging), self._queued = self._queued, None
-                self._busy = True
-            try:
-                ok = self._upload(message, staging)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            with self._cond:
-                self._last_ok = ok
-
     def _upload(self, message: str, staging: Path) -> bool:
         def attempt():
             if self._repo_url is None:
@@ -315,14 +279,22 @@ class HubPusher:
 
         try:
             info = self._retrying(attempt, f"push '{message}'")
+            ok = True
         except Exception as err:  # noqa: BLE001 - a failed push must never kill training
             logger.error(self._scrub(f"Push '{message}' to {self.repo_id} failed: {_describe(err)}. "
                                      f"{self.manual_push_hint()}"))
-            return False
-        logger.info(self._scrub(f"Pushed '{message}' to {self.repo_id}: {getattr(info, 'commit_url', info)}"))
-        return True
+            ok = False
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        with self._lock:
+            self._last_ok = ok
+        if ok:
+            logger.info(self._scrub(f"Pushed '{message}' to {self.repo_id}: {getattr(info, 'commit_url', info)}"))
+        return ok
 
     def _retrying(self, fn, what: str, max_attempts: int | None = None):
+        # huggingface_hub retries each upload request 5 times over ~23 s but never create_repo, and an outage of
+        # minutes outlasts its retries: whole attempts, spaced further apart, are what it cannot do.
         max_attempts = max_attempts or self.max_attempts
         delay, attempt = self.backoff_s, 1
         while True:
