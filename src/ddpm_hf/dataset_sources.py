@@ -166,6 +166,18 @@ def load_source(config: DataConfig, streaming: bool = False, split: str = "train
         raise ValueError(f"could not load images from {source}: {_one_line(err)}") from None
 
 
+def _names_a_held_out_split(folder: str) -> bool:
+    """Whether any name under ``folder`` contains a validation/test keyword of datasets' split inference (a
+    superset of the names its patterns match, so False means the folder is a "train" split only)."""
+    from datasets.data_files import SPLIT_KEYWORDS
+
+    keywords = [word for split, words in SPLIT_KEYWORDS.items() if split != "train" for word in words]
+    for _, dirs, files in os.walk(folder):
+        if any(word in name.lower() for name in dirs + files for word in keywords):
+            return True
+    return False
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -190,6 +202,9 @@ def split_names(config: DataConfig) -> tuple[str, ...]:
         return tuple(loaded) if isinstance(loaded, datasets.DatasetDict) else ("train",)
     if "data_files" in kwargs:
         return tuple(kwargs["data_files"])
+    folder = kwargs.get("data_dir") or (path if os.path.isdir(path) else None)
+    if folder is not None and not _names_a_held_out_split(folder):
+        return ("train",)  # datasets' pattern resolution globs every file: minutes for a folder of 50k images
     try:
         builder = datasets.load_dataset_builder(path, cache_dir=config.cache_dir, **kwargs)
     except ConnectionError as err:

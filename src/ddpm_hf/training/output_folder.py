@@ -27,6 +27,7 @@ from ..checkpointing import PREFIX, read_marker, resolve_checkpoint
 from .args import RESULT_NEUTRAL_ARGS, RESUMABLE_CHANGES, public_args
 from .components import TrainingRun
 from .export import GRID_FILENAME
+from .loss_history import HISTORY_FILENAME, PLOT_FILENAME
 
 logger = logging.getLogger("ddpm_hf.train")
 
@@ -35,7 +36,8 @@ RUN_FILE = "ddpm_hf_run.json"
 # but outside its hash: adding --eval_data_dir to a resumed run is fine.
 EVALUATION_ARGS = ("eval_data_dir",)
 # Besides the pipeline's component folders (named in its model_index.json) and the checkpoints.
-_EXPORT_ENTRIES = ("model_index.json", "unet_raw", "README.md", GRID_FILENAME, ".export.partial", RUN_FILE)
+_EXPORT_ENTRIES = ("model_index.json", "unet_raw", "README.md", GRID_FILENAME, HISTORY_FILENAME, PLOT_FILENAME,
+                   ".export.partial", RUN_FILE)
 _CHECKPOINT_ENTRY = re.compile(rf"^(\.)?{PREFIX}\d+(\.partial|\.old)?$")
 
 
