@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Training images/s of ``training/train.py`` against diffusers' own ``train_unconditional.py``, interleaved.
+
+Same network (the tiny preset with 3 channels, because the example converts every image to RGB), the same
+1,797 digits as 16x16 RGB PNGs in an image folder, batch 64, EMA on, fp32, 1 torch thread, no loader workers,
+no loss weighting in either (``--snr_gamma 0`` for ours). Each run is one process; the time between its 6th and
+its last ``accelerator.backward`` call is the steady-state training time of both loops (start-up, the example's
+per-epoch sampling and our export fall outside it).
+
+The example is not in the diffusers wheel: bring the public repository (e.g. ``git clone`` or the project's
+``fetch``) and extract it into the git-ignored ``.peers/``::
+
+    git --git-dir <diffusers>/.git show HEAD:examples/unconditional_image_generation/train_unconditional.py \
+        > .peers/train_unconditional.py
+    OMP_NUM_THREADS=1 python benchmarks/vs_train_unconditional.py --rounds 3
+
+It imports torchvision for its transforms only; torchvision's PyPI build does not import beside torch 2.13.0, so
+this script injects a module of equivalent PIL/torch transforms at run time (`_torchvision_stub`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(ROOT, ".peers", "train_unconditional.py")
+SKIP = 5  # backward calls left out at the start (allocator and oneDNN warm-up)
+
+
+class _StopAfterTraining(Exception):
+    """Raised at the example's first sampling call: its training epoch is over."""
+
+
+def _torchvision_stub() -> types.ModuleType:
+    """torchvision.transforms as the example uses it (Resize, crops, flip, ToTensor, Normalize, ...), in PIL/torch."""
+    tv, tf = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+
+    class InterpolationMode:
+        BILINEAR = Image.BILINEAR
+
+    def resize(size, interpolation=Image.BILINEAR):
+        def apply(img):
+            w, h = img.size
+            scale = size / min(w, h)
+            return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), interpolation)
+        return apply
+
+    def random_crop(size):
+        def apply(img):
+            w, h = img.size
+            left, top = int(torch.randint(0, w - size + 1, ())), int(torch.randint(0, h - size + 1, ()))
+            return img.crop((left, top, left + size, top + size))
+        return apply
+
+    def center_crop(size):
+        def apply(img):
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return img.crop((left, top, left + size, top + size))
+        return apply
+
+    def flip():
+        return lambda img: img.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()) < 0.5 else img
+
+    def to_tensor():
+        return lambda img: torch.from_numpy(__import__("numpy").asarray(img, dtype="float32") / 255.0).permute(2, 0, 1)
+
+    def normalize(mean, std):
+        return lambda x: (x - mean[0]) / std[0]
+
+    def compose(fns):
+        def apply(x):
+            for fn in fns:
+                x = fn(x)
+            return x
+        return apply
+
+    tf.InterpolationMode, tf.Resize, tf.RandomCrop, tf.CenterCrop = InterpolationMode, resize, random_crop, center_crop
+    tf.RandomHorizontalFlip, tf.ToTensor, tf.Normalize, tf.Compose = flip, to_tensor, normalize, compose
+    tf.Lambda = lambda fn: fn
+    tf.PILToTensor = lambda: (lambda img: torch.from_numpy(__import__("numpy").array(img)).permute(2, 0, 1))
+    tf.ConvertImageDtype = lambda dtype: (lambda x: x.to(dtype) / 255.0)  # --preserve_input_precision only
+    tv.transforms = tf
+    return tv
+
+
+def _timed_backward() -> list[float]:
+    """Record the time of every `Accelerator.backward` call (both loops call it once per micro-batch)."""
+    import accelerate
+
+    stamps: list[float] = []
+    original = accelerate.Accelerator.backward
+
+    def backward(self, loss, **kwargs):
+        stamps.append(time.perf_counter())
+        return original(self, loss, **kwargs)
+
+    accelerate.Accelerator.backward = backward
+    return stamps
+
+
+def child(which: str, argv: list[str], batch: int) -> None:
+    """Run one loop in this process and print its steady-state images/s as JSON."""
+    torch.set_num_threads(1)
+    stamps = _timed_backward()
+    if which == "peer":
+        # First: diffusers and datasets probe for torchvision at import time, and must find none.
+        import datasets  # noqa: F401
+        import diffusers
+        import diffusers.optimization
+        import diffusers.training_utils  # noqa: F401
+
+        sys.modules["torchvision"] = _torchvision_stub()
+        sys.modules["torchvision.transforms"] = sys.modules["torchvision"].transforms
+
+        def stop(*args, **kwargs):
+            raise _StopAfterTraining
+
+        diffusers.DDPMPipeline.__call__ = stop
+        script = PEER
+    else:
+        script = os.path.join(ROOT, "training", "train.py")
+    sys.argv = [script] + argv
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except _StopAfterTraining:
+        pass
+    steps = len(stamps) - 1 - SKIP
+    print(json.dumps({"images_per_sec": batch * steps / (stamps[-1] - stamps[SKIP]), "steps": steps,
+                      "threads": torch.get_num_threads()}))
+
+
+def write_digits(folder: str) -> None:
+    """The 1,797 sklearn digits as 16x16 RGB PNGs (the example converts to RGB anyway)."""
+    from ddpm_hf.data import load_digits_tensor
+
+    images = ((load_digits_tensor(16) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    os.makedirs(folder)
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy(), "L").convert("RGB").save(os.path.join(folder, f"{i:04d}.png"))
+
+
+def write_unet_config(path: str) -> None:
+    from ddpm_hf.models import UNET_PRESETS
+
+    config = dict(UNET_PRESETS["tiny"], in_channels=3, out_channels=3, sample_size=16, _class_name="UNet2DModel")
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as handle:
+        json.dump(config, handle)
+
+
+def arguments(which: str, work: str, run: int, batch: int, steps: int) -> list[str]:
+    out = os.path.join(work, f"{which}-{run}")
+    common = ["--train_data_dir", os.path.join(work, "digits"), "--resolution", "16", "--train_batch_size",
+              str(batch), "--model_config_name_or_path", os.path.join(work, "unet"), "--output_dir", out,
+              "--checkpointing_steps", "100000", "--mixed_precision", "no", "--logger", "tensorboard"]
+    if which == "peer":
+        return common + ["--num_epochs", "1", "--use_ema", "--save_model_epochs", "1000"]
+    return common + ["--num_channels", "3", "--max_train_steps", str(steps), "--snr_gamma", "0", "--use_ema", "true"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=64)
+    args, rest = parser.parse_known_args()
+    if args.child:
+        return child(args.child, rest[1:] if rest[:1] == ["--"] else rest, args.batch)
+    if not os.path.isfile(PEER):
+        sys.exit(f"{PEER} is missing: extract diffusers' example there (see this script's docstring)")
+    from ddpm_hf.hardware import describe_hardware
+
+    steps = -(-1797 // args.batch)  # the example trains one epoch; ours the same number of steps
+    work = tempfile.mkdtemp(prefix="ddpm_hf-vs-example-")
+    write_digits(os.path.join(work, "digits"))
+    write_unet_config(os.path.join(work, "unet"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    results: dict[str, list[float]] = {"ours": [], "peer": []}
+    for run in range(args.rounds):
+        for which in (("ours", "peer") if run % 2 == 0 else ("peer", "ours")):
+            command = [sys.executable, __file__, "--child", which, "--batch", str(args.batch), "--"] \
+                + arguments(which, work, run, args.batch, steps)
+            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                sys.exit(f"{which} failed:\n{done.stderr[-3000:]}")
+            line = json.loads(done.stdout.strip().splitlines()[-1])
+            results[which].append(line["images_per_sec"])
+            print(f"round {run} {which}: {line['images_per_sec']:.1f} images/s over {line['steps']} steps, "
+                  f"{line['threads']} thread(s)", flush=True)
+    ours, peer = statistics.median(results["ours"]), statistics.median(results["peer"])
+    print(f"machine: {describe_hardware()}")
+    print(f"fp32, 1 torch thread, batch {args.batch}, tiny net (3 channels) at 16x16, {steps} steps per run")
+    print(f"median images/s: ours {ours:.1f}, diffusers' train_unconditional.py {peer:.1f}; ratio ours / diffusers "
+          f"{ours / peer:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
