@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Scaling: images/s of `training/train.py` at 1 and 2 processes on this machine, beside the per-process figure.
+"""Scaling: images/s of `training/train.py` as 1 process x 1 thread, 1 process x 2 threads and 2 processes x 1
+thread on this machine, beside the per-process figure; with ``--busy`` a neighbour burns one core throughout.
 
 Trains at the script's defaults (tiny preset, built-in digits at 16x16, batch 64 per process) for a fixed number
 of steps: once as a plain process, once as two gloo ranks (``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu
@@ -7,7 +8,7 @@ of steps: once as a plain process, once as two gloo ranks (``ACCELERATE_USE_CPU=
 fetches (benchmarks/bench_data.py's child); total images/s = the ranks' images/s summed (the ranks step in lock
 step, so each rank's batch / step time counts once per rank).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_scaling.py --steps 40 --rounds 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_scaling.py --steps 40 --rounds 2 [--busy]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 
@@ -32,44 +34,61 @@ def two_process_launch() -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
 
 
+ARMS = {"1 process x 1 thread": (1, 1), "1 process x 2 threads": (1, 2), "2 processes x 1 thread": (2, 1)}
+BUSY_LOOP = "while True: pass"  # a neighbour that wants one core all the time
+
+
+def run_arms(args: argparse.Namespace, work: str) -> dict[str, list]:
+    """Each arm once per round, interleaved; returns the rank summaries of the runs that worked."""
+    runs: dict[str, list] = {arm: [] for arm in ARMS}
+    for round_ in range(args.rounds):
+        for arm, (processes, threads) in ARMS.items():
+            launch = [sys.executable] if processes == 1 else two_process_launch()
+            env = dict(bench_env(work), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(threads))
+            ranks = measure(launch, ["--num_threads", str(threads)], args.steps, args.batch, work, env)
+            print(f"round {round_} {arm}: {ranks}", flush=True)
+            if all("error" not in r for r in ranks) and len(ranks) == processes:
+                runs[arm].append(ranks)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--json", default=os.path.join(RESULTS, "bench_scaling.json"))
+    parser.add_argument("--busy", action="store_true", help="Keep one core busy with another process meanwhile.")
+    parser.add_argument("--json", default=None, help="Default: results/bench_scaling[_busy].json")
     args = parser.parse_args()
     machine = print_machine()
+    machine["busy_neighbour"] = args.busy
     work = tempfile.mkdtemp(prefix="ddpm_hf-bench-scaling-")
-    runs = {1: [], 2: []}
+    neighbour = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if args.busy else None
     try:
-        for round_ in range(args.rounds):
-            for processes in (1, 2):
-                launch = [sys.executable] if processes == 1 else two_process_launch()
-                env = dict(bench_env(work), ACCELERATE_USE_CPU="1")
-                ranks = measure(launch, [], args.steps, args.batch, work, env)
-                print(f"round {round_} processes {processes}: {ranks}", flush=True)
-                if all("error" not in r for r in ranks) and len(ranks) == processes:
-                    runs[processes].append(ranks)
+        runs = run_arms(args, work)
     finally:
+        if neighbour is not None:
+            neighbour.kill()
         shutil.rmtree(work, ignore_errors=True)
     table = {}
-    for processes, results in runs.items():
+    for arm, results in runs.items():
         if results:
             per_process = statistics.median(r["images_per_s"] for ranks in results for r in ranks)
             total = statistics.median(sum(r["images_per_s"] for r in ranks) for ranks in results)
-            table[processes] = {"total_images_per_s": total, "per_process_images_per_s": per_process}
-    print(f"\n{'processes':>9s} {'total images/s':>15s} {'per process':>12s} {'speed-up':>9s}")
-    for processes, row in table.items():
-        speedup = row["total_images_per_s"] / table[1]["total_images_per_s"] if 1 in table else float("nan")
-        row["speedup"] = speedup
-        print(f"{processes:9d} {row['total_images_per_s']:15.0f} {row['per_process_images_per_s']:12.0f} "
-              f"{speedup:9.2f}")
+            table[arm] = {"total_images_per_s": total, "per_process_images_per_s": per_process}
+    base = table.get("1 process x 1 thread", {}).get("total_images_per_s", float("nan"))
+    print(f"\nbusy neighbour: {args.busy}")
+    print(f"{'arm':>24s} {'total images/s':>15s} {'per process':>12s} {'vs 1x1':>7s}")
+    for arm, row in table.items():
+        row["speedup"] = row["total_images_per_s"] / base
+        print(f"{arm:>24s} {row['total_images_per_s']:15.0f} {row['per_process_images_per_s']:12.0f} "
+              f"{row['speedup']:7.2f}")
     machine["loadavg_end"] = os.getloadavg()
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
+    path = args.json or os.path.join(RESULTS, "bench_scaling_busy.json" if args.busy else "bench_scaling.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump({"machine": machine, "settings": vars(args), "table": table}, f, indent=1)
-    print(f"wrote {args.json}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
