@@ -240,7 +240,9 @@ def _groups(run: TrainingRun) -> Iterator[_Group]:
     progress, accelerator, accum = run.progress, run.accelerator, run.args.gradient_accumulation_steps
     streaming = run.batches_per_epoch is None
     batches = _stream_batches(run) if streaming else _epoch_batches(run)
-    owner = data_state_owner(run.dataset)
+    # Only a stream's position must be rewound after a non-finite loss; a map-style dataset's skip count is
+    # idempotent under the replay, and its state (O(images)) must not be copied on every step.
+    owner = data_state_owner(run.dataset) if streaming else None
     data_snapshot = owner.state_dict() if owner is not None else None
     group = None
     for batch in batches:
@@ -360,9 +362,8 @@ def _log_step(run: TrainingRun, window: _LogWindow, group: _Group, bar: tqdm, me
 def _skipped_images(run: TrainingRun) -> int | None:
     """Unreadable images skipped so far by all processes (the dataset's ``num_skipped_seen``, summed: one small
     collective, at logging steps and the end only); None when the dataset does not count them as it reads."""
-    dataset = run.dataset
-    counter = next((d for d in (dataset, getattr(dataset, "dataset", None)) if hasattr(d, "num_skipped_seen")), None)
-    if counter is None:
+    counter = data_state_owner(run.dataset)
+    if not hasattr(counter, "num_skipped_seen"):
         return None
     count = torch.tensor(int(counter.num_skipped_seen), device=run.accelerator.device)
     return int(run.accelerator.reduce(count, "sum").item())
@@ -381,9 +382,8 @@ def _stop_on_nonfinite(run: TrainingRun, group: _Group) -> None:
     run.generator.set_state(group.rng_snapshot[0])
     torch.set_rng_state(group.rng_snapshot[1])
     progress.batches_in_epoch = group.start
-    owner = data_state_owner(run.dataset)
-    if owner is not None:
-        owner.load_state_dict(group.data_snapshot)
+    if group.data_snapshot is not None:
+        data_state_owner(run.dataset).load_state_dict(group.data_snapshot)
     saved = None
     if progress.global_step > 0:
         saved = _save(run, progress.global_step)
