@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from typing import Callable
 
 import torch
 
@@ -74,42 +75,51 @@ def check_network_dtype(dtype: torch.dtype, device: torch.device) -> None:
             f"Use pipe.to(dtype=torch.float32) on this machine.", RuntimeWarning, stacklevel=3)
 
 
-def compile_unet(pipeline, batch_size: int, mode: str | None = None, freezing: bool = True) -> float:
-    """Compile ``pipeline.unet`` in place with ``torch.compile`` (Inductor) and pay the compile cost now.
+def compile_unet(pipeline, batch_size: int, mode: str | None = None, freezing: bool = True,
+                 backend: str | Callable = "inductor") -> float:
+    """Compile ``pipeline.unet`` in place with ``torch.compile`` and pay the compile cost now.
 
     Args:
         pipeline: a ``DDPMPipeline`` (its unet is replaced by the compiled module's wrapper, same weights).
         batch_size: the network batch the sampling calls will use (twice the image count under guidance); the
             warm-up call is made at this size, and another size later recompiles at about the same cost.
         mode: ``torch.compile``'s mode; None picks ``"reduce-overhead"`` (CUDA graphs) on a GPU and Inductor's
-            default on a CPU, where CUDA graphs do not exist.
+            default on a CPU, where CUDA graphs do not exist. Ignored by backends other than Inductor.
         freezing: Inductor weight freezing (weights folded as constants; CPU convolutions pre-packed).
+        backend: ``torch.compile``'s backend (Inductor by default; e.g. ``"aot_eager"`` to debug a graph).
 
     Returns:
-        The seconds spent compiling in the warm-up calls, reported so a benchmark can list it apart. The first
-        sampling call afterwards still recompiles once on CPU (see the comment below): count that call too.
+        The seconds spent compiling in the warm-up calls. The sampling calls that follow at ``batch_size`` reuse
+        that graph: they run inference tensors, as the warm-up does (``DDPMPipeline._denoise``).
     """
     device = pipeline._execution_device
     if mode is None:
         mode = "reduce-overhead" if device.type == "cuda" else "default"
-    # Weight freezing reads inductor's global config; set here because torch.compile's options= cannot be
-    # combined with mode= (torch raises "Either mode or options can be specified, but both can't be specified").
-    torch._inductor.config.freezing = freezing
-    pipeline.unet.compile(mode=mode)
-    config = pipeline.unet.config
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    if backend == "inductor":
+        # Weight freezing reads inductor's global config; set here because torch.compile's options= cannot be
+        # combined with mode= (torch raises "Either mode or options can be specified, but both can't be specified").
+        torch._inductor.config.freezing = freezing
+        pipeline.unet.compile(mode=mode)
+    else:
+        pipeline.unet.compile(backend=backend)
     start = time.perf_counter()
-    # Inputs made as the loop makes them: inference tensors, and the timestep a 0-d view into an int64 table at
-    # a different offset each call. Even so, the first sampling call still recompiles once (measured: tiny net,
-    # CPU, 55-61 s here then ~25 s in that call; cause not found), so the returned seconds are a lower bound.
-    with torch.inference_mode():
-        sample = torch.zeros(batch_size, config.in_channels, size, size, device=device, dtype=pipeline.unet.dtype)
-        table = torch.arange(4, device=device)
-        kwargs = {}
-        if config.get("num_class_embeds") is not None:
-            kwargs["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
-        for i in range(4 if mode == "reduce-overhead" else 2):  # CUDA graphs also record on a later call
-            pipeline.unet(sample, table[i], **kwargs, return_dict=False)
+    _warm_up(pipeline, batch_size, calls=4 if mode == "reduce-overhead" else 2)  # CUDA graphs record on a later call
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def _warm_up(pipeline, batch_size: int, calls: int) -> None:
+    """Call the unet as the sampling loop does: inference tensors, the timestep a 0-d view into an int64 table at
+    a different offset each call (so neither a new storage nor a new offset recompiles)."""
+    config = pipeline.unet.config
+    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    device = pipeline._execution_device
+    with torch.inference_mode():
+        sample = torch.zeros(batch_size, config.in_channels, size, size, device=device, dtype=pipeline.unet.dtype)
+        table = torch.arange(calls, device=device)
+        kwargs = {}
+        if config.get("num_class_embeds") is not None:
+            kwargs["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        for i in range(calls):
+            pipeline.unet(sample, table[i], **kwargs, return_dict=False)

@@ -149,9 +149,10 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
         """dtype of x_t, the noise and the scheduler maths: float32 for a bf16/fp16 unet (``ddpm_hf.fast_path``)."""
         return sample_dtype(self.unet.dtype)
 
-    def compile_unet(self, batch_size: int, mode: str | None = None, freezing: bool = True) -> float:
+    def compile_unet(self, batch_size: int, mode: str | None = None, freezing: bool = True,
+                     backend: str | Callable = "inductor") -> float:
         """``torch.compile`` the unet in place and return the one-off compile seconds (``fast_path.compile_unet``)."""
-        return compile_unet(self, batch_size, mode, freezing)
+        return compile_unet(self, batch_size, mode, freezing, backend)
 
     def _to_model(self, images01: torch.Tensor) -> torch.Tensor:
         return (images01 * 2 - 1).to(self.sample_dtype)
@@ -167,8 +168,10 @@ class DDPMPipeline(SharingMixin, DiffusionPipeline):
 
         ``contract.scale_model_input`` is the identity for DDPM/DDIM (Euler/Heun scale by their sigma).
         """
-        model_timesteps = timesteps.to(sample.device)  # one transfer, not one per step inside the unet
         with torch.inference_mode():
+            # Inference tensors from the first step on (one transfer of the table, not one per step): a compiled
+            # unet guards on dispatch keys, so an ordinary tensor in step 0 would recompile it twice.
+            sample, model_timesteps = sample.clone(), timesteps.to(sample.device).clone()
             for i, t in enumerate(self.progress_bar(timesteps)):
                 model_input = contract.scale_model_input(sample, t)
                 model_output = self._predict(model_input, model_timesteps[i], model_kwargs, channels, guidance)
