@@ -15,8 +15,9 @@ the same sampler and seed (``time_to_quality.py``'s ``draw``, seed 0), scored by
 FID against the 450 held-out test digits the runs never trained on, beside the real-vs-real floor band
 (``--floor-repeats`` draws of as many train digits). Verdict: bf16 counts as within noise when its mean window loss
 difference is at most the seed-to-seed one and its FID difference is at most max(seed-to-seed FID difference,
-floor band spread). Runs are sequential, not interleaved: wall-time ratios are indicative only. An existing
-finished run in ``--work`` is reused (its recorded wall time is printed). Writes ``<prefix>.json`` and ``.png``.
+floor band spread). The runs train a clean worktree of HEAD (as ``main_job.py`` does), one after the other, not
+interleaved: wall-time ratios are indicative only. An existing finished run in ``--work`` is reused (its recorded
+wall time is printed). Writes ``<prefix>.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,19 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB_STEPS = 1056  # 48 epochs of the 1,347 training digits at batch 64: the README main job
 
 
-def train(name: str, out: Path, seed: int, precision: str, steps: int | None) -> dict:
-    """Run the main job into ``out`` (or reuse a finished run there); returns its record.
+def clean_checkout(work: Path) -> Path:
+    """A worktree of HEAD in ``work`` (uncommitted edits excluded): the three runs train the same committed code."""
+    path = work / "checkout"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), "HEAD"], check=True,
+                   capture_output=True)
+    return path
+
+
+def train(checkout: Path, name: str, out: Path, seed: int, precision: str, steps: int | None) -> dict:
+    """Run the main job from ``checkout`` into ``out`` (or reuse a finished run there); returns its record.
 
     Args:
+        checkout: the clean checkout to train from.
         name: the run's label.
         out: its output folder.
         seed: ``--seed``.
@@ -63,10 +73,10 @@ def train(name: str, out: Path, seed: int, precision: str, steps: int | None) ->
                "--seed", str(seed), "--num_threads", "1", "--mixed_precision", precision]
     if steps is not None:
         command += ["--max_train_steps", str(steps)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(checkout / "src"))
     print(f"training {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (out.parent / f"{name}.log").write_text(result.stdout + result.stderr)
     if result.returncode:
@@ -159,15 +169,19 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.work or tempfile.mkdtemp(prefix="ddpm_hf-train-precision-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+    checkout = clean_checkout(work)
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"machine: {describe_hardware().summary()}")
     print(f"commit {commit}, torch {torch.__version__}, diffusers {diffusers.__version__}, load average "
           f"{os.getloadavg()[0]:.2f} (other jobs share this machine); {args.max_train_steps or MAIN_JOB_STEPS} "
           f"steps per run{' (shortened from the main job 1,056)' if args.max_train_steps else ''}")
     plan = {"fp32 A": (args.seeds[0], "no"), "fp32 B": (args.seeds[1], "no"), "bf16 A": (args.seeds[0], "bf16")}
-    runs = {name: train(name.replace(" ", "_"), work / name.replace(" ", "_"), seed, precision,
-                        args.max_train_steps) for name, (seed, precision) in plan.items()}
+    try:
+        runs = {name: train(checkout, name.replace(" ", "_"), work / name.replace(" ", "_"), seed, precision,
+                            args.max_train_steps) for name, (seed, precision) in plan.items()}
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)], capture_output=True)
     print("runs (sequential, not interleaved: the wall-time ratios are indicative only):")
     for name, run in runs.items():
         dtype = "bf16 autocast, fp32 master weights" if run["precision"] == "bf16" else "fp32"
