@@ -43,6 +43,9 @@ MIXED_PRECISION = tuple(p.value for p in PrecisionType if p is not PrecisionType
 # "learned" (the raw log-variance) has no training loss here; "learned_range" trains the improved-DDPM hybrid loss.
 TRAINABLE_VARIANCE_TYPES = tuple(v for v in dm.VARIANCE_TYPES if v != "learned")
 GRID_SAMPLERS = tuple(name.lower() for name in SAMPLERS)  # the card names them in capitals
+# torch.compile's documented modes (torch._inductor.list_mode_options() holds them; importing it here would add
+# seconds to every start).
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _choices(values: tuple[str, ...], help_text: str) -> dict:
@@ -113,6 +116,11 @@ class TrainingArguments:
                                         "config."))
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads per process; default: "
                                     "OMP_NUM_THREADS if set, else 1 (see docs/training.md)."})
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the network with torch.compile (Inductor) "
+                                "through accelerate; the first optimizer step pays the compilation (logged as the "
+                                "time to first step). Default: accelerate's config (--dynamo_backend)."})
+    torch_compile_mode: str = field(default="default", metadata=_choices(TORCH_COMPILE_MODES, "torch.compile's mode "
+                                    "with --torch_compile."))
     skip_nonfinite_steps: bool = field(default=False, metadata={"help": "Skip optimizer steps whose loss is NaN/inf "
                                        "instead of stopping."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
@@ -155,6 +163,11 @@ RESULT_NEUTRAL_ARGS = frozenset({
 # The run's length may change on resume (to train longer), with a warning: the LR schedule is rebuilt for the new
 # length, so the result is not that of an uninterrupted run of that length.
 RESUMABLE_CHANGES = frozenset({"max_train_steps", "num_epochs"})
+# How the same recipe is executed: compiling changes the float rounding (fused kernels), not what is trained. These
+# stay outside the identity, are recorded beside it (what is in force: accelerate's config may compile too), and a
+# resume that changes them is allowed with a warning (its result is close to, not bit-identical with, an
+# uninterrupted run).
+EXECUTION_ARGS = frozenset({"torch_compile", "torch_compile_mode"})
 
 
 def public_args(*arg_groups: object) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 
 from ..checkpointing import RunClock, StateHooks, TrainProgress, data_state_owner
@@ -147,11 +147,31 @@ def _warn_if_bf16_emulated() -> None:
                        "oneDNN emulates them and training will be slower than fp32; use --mixed_precision no.")
 
 
+def compile_plugin(args: TrainingArguments) -> TorchDynamoPlugin | None:
+    """accelerate's torch.compile settings for ``--torch_compile`` (Inductor, ``--torch_compile_mode``; graph
+    breaks allowed), or None: accelerate's own config (``accelerate launch --dynamo_backend``) decides.
+
+    Raises:
+        ValueError: Inductor cannot compile here (no C++ compiler for a CPU run), naming the flag.
+    """
+    if not args.torch_compile:
+        return None
+    if _on_cpu_only():
+        from torch._inductor import cpp_builder, exc
+
+        try:  # Inductor's own search (config.cpp.cxx, $CXX); it would otherwise fail inside the first step
+            cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler as err:
+            raise ValueError(f"--torch_compile needs a C++ compiler for Inductor on the CPU, and none was found "
+                             f"({err}): install g++ (or set CXX), or drop --torch_compile") from None
+    return TorchDynamoPlugin(backend="inductor", mode=args.torch_compile_mode, fullgraph=False)
+
+
 def setup_accelerator(args: TrainingArguments) -> Accelerator:
     """The accelerator, logging (INFO on the main process), torch threads and global seeds.
 
     Args:
-        args: mixed precision, logger, output and logging folders, threads and seed.
+        args: mixed precision, torch.compile, logger, output and logging folders, threads and seed.
 
     Returns:
         The accelerator.
@@ -160,6 +180,7 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     args.mixed_precision = effective_mixed_precision(args.mixed_precision)  # the card records what ran
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
+        dynamo_plugin=compile_plugin(args),
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
@@ -176,8 +197,18 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     threads = configure_threads(args.num_threads, accelerator.device)
     logger.info("num_processes=%d device=%s mixed_precision=%s torch_threads=%d", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, threads)
+    dynamo = accelerator.state.dynamo_plugin
+    if str(dynamo.backend.value).lower() != "no":
+        logger.info("torch.compile (backend %s, mode %s): the first optimizer step includes compiling the network "
+                    "(the time to first step below)", str(dynamo.backend.value).lower(), dynamo.mode)
     set_seed(args.seed)
     return accelerator
+
+
+def base_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside accelerate's wrappers (DDP, torch.compile's OptimizedModule): the module whose parameters
+    train, to export, copy or average (`Accelerator.unwrap_model` keeps the compiled wrapper by default)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def unet_config(model_args: ModelArguments, resolution: int, channels: int, unet_cls: type,
@@ -369,7 +400,7 @@ def build_run(accelerator: Accelerator, dataset: TrainDataset, data_args: DataAr
     # Not passed to accelerator.prepare: accelerate would step it num_processes times per optimizer step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    ema = EMA(accelerator.unwrap_model(model).parameters(), max_decay=args.ema_max_decay, warmup=args.ema_warmup,
+    ema = EMA(base_model(accelerator, model).parameters(), max_decay=args.ema_max_decay, warmup=args.ema_warmup,
               inv_gamma=args.ema_inv_gamma, power=args.ema_power, min_decay=args.ema_min_decay) if args.use_ema else None
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed * 7919 + accelerator.process_index)
     run = TrainingRun(accelerator, data_args, model_args, args, dataset, classes, model, noise_scheduler, objective,

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from . import loss_history
 from .args import public_args
-from .components import TrainingRun
+from .components import TrainingRun, base_model
 from .evaluation import evaluate_run
 
 logger = logging.getLogger("ddpm_hf.train")
@@ -34,7 +34,7 @@ GRID_PER_CLASS = 8  # a class-conditional grid: one row of this many samples per
 
 def build_pipeline(run: TrainingRun) -> Any:
     """A pipeline on the EMA weights (or the raw ones without EMA); the training model is not touched."""
-    unet = copy.deepcopy(run.accelerator.unwrap_model(run.model)).float().eval()
+    unet = copy.deepcopy(base_model(run.accelerator, run.model)).float().eval()
     if run.ema is not None:
         run.ema.copy_to(unet.parameters())
     return run.classes.pipeline(unet=unet, scheduler=run.noise_scheduler, **label_kwargs(run))
@@ -54,7 +54,7 @@ def save_export(run: TrainingRun, pipeline: Any) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
     if run.ema is not None:
-        run.accelerator.unwrap_model(run.model).save_pretrained(os.path.join(staging, "unet_raw"))
+        base_model(run.accelerator, run.model).save_pretrained(os.path.join(staging, "unet_raw"))
     # model_index.json last: a reader that sees it sees complete component folders.
     names = sorted(os.listdir(staging), key=lambda n: n == "model_index.json")
     for name in names:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..checkpointing import TrainProgress, data_state_owner, remove_partial, resolve_checkpoint, save_checkpoint
 from .args import public_args
-from .components import TrainingRun
+from .components import TrainingRun, base_model
 from .interrupts import CheckpointTimer, StopRequest, TrainingInterrupted, step_decisions
 from .output_folder import check_output_dir, clear_run_outputs, run_identity, run_outputs, write_run_file
 
@@ -320,7 +320,7 @@ def _optimizer_step(run: TrainingRun, group: _Group, finite: bool) -> bool:
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    group.ema_decay = run.ema.update(accelerator.unwrap_model(run.model).parameters()) if run.ema else None
+    group.ema_decay = run.ema.update(base_model(accelerator, run.model).parameters()) if run.ema else None
     progress.global_step += 1
     _finish_epoch_if_done(progress, run.batches_per_epoch)
     return True

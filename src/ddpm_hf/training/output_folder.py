@@ -2,7 +2,8 @@
 
 A run's identity is every argument that changes the trained weights (all but ``RESULT_NEUTRAL_ARGS`` of
 `ddpm_hf.training.args`), with the network file and the precision replaced by their effect (the network
-config, the precision in force), plus the classes, the process count and the data's size. It is written to
+config, the precision in force), plus the classes, the process count and the data's size; how it is executed
+(torch.compile) is recorded beside it, outside the hash, since it changes the rounding, not the recipe. It is written to
 ``ddpm_hf_run.json`` in the output folder at the start and into every checkpoint's completion marker, and
 compared before a run touches the folder:
 
@@ -24,7 +25,7 @@ import shutil
 from typing import Any
 
 from ..checkpointing import PREFIX, read_marker, resolve_checkpoint
-from .args import RESULT_NEUTRAL_ARGS, RESUMABLE_CHANGES, public_args
+from .args import EXECUTION_ARGS, RESULT_NEUTRAL_ARGS, RESUMABLE_CHANGES, public_args
 from .components import TrainingRun
 from .export import GRID_FILENAME
 from .loss_history import HISTORY_FILENAME, PLOT_FILENAME
@@ -39,17 +40,21 @@ EVALUATION_ARGS = ("eval_data_dir",)
 _EXPORT_ENTRIES = ("model_index.json", "unet_raw", "README.md", GRID_FILENAME, HISTORY_FILENAME, PLOT_FILENAME,
                    ".export.partial", RUN_FILE)
 _CHECKPOINT_ENTRY = re.compile(rf"^(\.)?{PREFIX}\d+(\.partial|\.old)?$")
+# What a run recorded before executions were recorded: accelerate's default, no compilation.
+_EAGER = {"dynamo_backend": "no", "dynamo_mode": None}
 
 
 def run_identity(run: TrainingRun) -> dict[str, Any]:
-    """The run's identity: ``{"config_hash", "seed", "config", "length", "evaluation"}`` (JSON values).
+    """The run's identity: ``{"config_hash", "seed", "config", "length", "evaluation", "execution"}`` (JSON
+    values).
 
     ``config_hash`` is the SHA-256 of ``config`` as sorted JSON (with the data's image count, channels and
-    images held out for evaluation); ``length`` holds the `RESUMABLE_CHANGES` arguments and ``evaluation`` the
-    `EVALUATION_ARGS`, both outside the hash.
+    images held out for evaluation); ``length`` holds the `RESUMABLE_CHANGES` arguments, ``evaluation`` the
+    `EVALUATION_ARGS` and ``execution`` the torch.compile backend and mode in force (`EXECUTION_ARGS`, or
+    accelerate's config), all outside the hash.
     """
     args = public_args(run.data_args, run.model_args, run.args)
-    outside = RESULT_NEUTRAL_ARGS | RESUMABLE_CHANGES | set(EVALUATION_ARGS)
+    outside = RESULT_NEUTRAL_ARGS | RESUMABLE_CHANGES | EXECUTION_ARGS | set(EVALUATION_ARGS)
     config = {key: value for key, value in args.items() if key not in outside}
     unet_config = run.accelerator.unwrap_model(run.model).config
     config.update(
@@ -66,7 +71,14 @@ def run_identity(run: TrainingRun) -> dict[str, Any]:
     length = {key: args[key] for key in sorted(RESUMABLE_CHANGES)}
     evaluation = {key: args[key] for key in EVALUATION_ARGS}
     return {"config_hash": digest, "seed": run.args.seed, "config": config, "length": length,
-            "evaluation": evaluation}
+            "evaluation": evaluation, "execution": _execution(run)}
+
+
+def _execution(run: TrainingRun) -> dict[str, Any]:
+    """The torch.compile backend and mode in force (accelerate's dynamo plugin); the mode is None when eager."""
+    plugin = run.accelerator.state.dynamo_plugin
+    backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
+    return {"dynamo_backend": backend, "dynamo_mode": None if backend == "no" else plugin.mode}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -143,6 +155,11 @@ def _check_identity(what: str, saved: dict[str, Any] | None, identity: dict[str,
         if changed:
             logger.warning("The run's length changed (%s): the LR schedule is rebuilt for the new length, so the "
                            "result differs from an uninterrupted run of either length", "; ".join(changed))
+        executed = differences(saved.get("execution", _EAGER), identity["execution"])
+        if executed:
+            logger.warning("The run's execution changed (%s): the same recipe, but compiled kernels round floats "
+                           "differently, so the result is close to, not bit-identical with, an uninterrupted run",
+                           "; ".join(executed))
         return
     diff = differences(saved.get("config", {}), identity["config"])
     raise ValueError(f"{what}: it belongs to another run; these settings differ (there -> now): "
