@@ -1,0 +1,55 @@
+"""training/accelerate_configs/cpu_2proc.yaml: two gloo CPU ranks, and why its command still sets ACCELERATE_USE_CPU.
+
+accelerate 1.15's multi-process launcher (MULTI_GPU) does not pass the file's ``use_cpu: true`` on to the ranks:
+without ACCELERATE_USE_CPU=1 each rank sets up alone (DistributedType.NO), which train.py refuses. The second launch
+pins that, so that a release that passes it on shows up here (the variable could then leave the documented command).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+
+CONFIG = Path(__file__).resolve().parent.parent / "training" / "accelerate_configs" / "cpu_2proc.yaml"
+PROBE = """
+from accelerate import Accelerator
+a = Accelerator()
+print(f"rank={a.process_index} type={a.distributed_type.value} n={a.num_processes}", flush=True)
+"""
+
+
+def test_the_config_asks_for_two_cpu_processes_on_one_machine():
+    config = load_config_from_file(str(CONFIG))
+    assert (config.distributed_type.value, config.num_processes, config.num_machines) == ("MULTI_GPU", 2, 1)
+    assert config.use_cpu is True and config.mixed_precision == "no"
+
+
+def launch_probe(tmp_path: Path, use_cpu_env: bool) -> list[str]:
+    """Launch the probe with the config; returns its sorted ``rank=...`` lines."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = "1"
+    if use_cpu_env:
+        env["ACCELERATE_USE_CPU"] = "1"
+    command = ["accelerate", "launch", "--config_file", str(CONFIG), "--main_process_port", str(port), str(probe)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or torch.cuda.is_available(),
+                    reason="needs torch.distributed (gloo) and no GPU (with GPUs the ranks would use NCCL)")
+def test_with_accelerate_use_cpu_the_config_starts_two_gloo_ranks_and_without_it_two_lone_processes(tmp_path):
+    assert launch_probe(tmp_path, use_cpu_env=True) == [f"rank={r} type=MULTI_CPU n=2" for r in (0, 1)]
+    assert launch_probe(tmp_path, use_cpu_env=False) == ["rank=0 type=NO n=1"] * 2
