@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.data import (DIGITS_NAME, DataConfig, DigitsDataset, EpochShuffleSampler, ImageTransform,
+from ddpm_hf.data import (DIGITS_NAME, DataConfig, DigitsDataset, ImageTransform,
                           build_train_dataset, load_digits_tensor, pil_to_float)
 from ddpm_hf.image_dataset import HFImageDataset
 
@@ -81,15 +81,37 @@ def test_transform_resizes_crops_and_flips_deterministically():
     assert small.shape == (1, 16, 16)
 
 
-def test_sampler_depends_only_on_seed_and_epoch():
-    s = EpochShuffleSampler(10, seed=3)
-    first = list(s)
-    assert sorted(first) == list(range(10)) and list(s) == first
-    s.set_epoch(1)
-    assert list(s) != first
-    again = EpochShuffleSampler(10, seed=3)
-    again.set_epoch(1)
-    assert list(again) == list(s)
+def _prepared_order(tmp_path, seed, epoch, skip=0, global_seed=None, size=10, batch=3):
+    """The indices the training loader yields in ``epoch`` from batch ``skip`` on, prepared as training prepares it
+    (`setup_accelerator`, `make_dataloader`, the loop's `skip_first_batches` then `set_epoch`)."""
+    from test_training import train_state_reset
+
+    from ddpm_hf.training.args import TrainingArguments
+    from ddpm_hf.training.components import make_dataloader, setup_accelerator
+
+    try:
+        accelerator = setup_accelerator(TrainingArguments(seed=seed, logger="none", output_dir=str(tmp_path)))
+        loader = accelerator.prepare(make_dataloader(torch.arange(size), batch, seed, num_workers=0))
+        if global_seed is not None:  # torch's global RNG (noise, dropout) must not move the order
+            torch.manual_seed(global_seed)
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+        loader.set_epoch(epoch)
+        return torch.cat(list(loader)).tolist()
+    finally:
+        train_state_reset()
+
+
+def test_loader_order_is_accelerates_seeded_permutation_of_seed_and_epoch(tmp_path):
+    # accelerate's SeedableRandomSampler, independently: torch.randperm under a generator seeded with seed + epoch.
+    def expected(seed, epoch):
+        return torch.randperm(10, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+    first = _prepared_order(tmp_path, 3, 0)
+    assert first == expected(3, 0) and sorted(first) == list(range(10))
+    assert _prepared_order(tmp_path, 3, 1) == expected(3, 1) != first  # a new order every epoch
+    assert _prepared_order(tmp_path, 3, 1, global_seed=99) == expected(3, 1)  # a function of (seed, epoch) only
+    assert _prepared_order(tmp_path, 3, 1, skip=2) == expected(3, 1)[6:]  # a resume inside the epoch: its rest
 
 
 def test_built_in_digits_are_the_fixed_train_split_only():

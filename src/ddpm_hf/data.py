@@ -402,27 +402,3 @@ def _image_source_dataset(config: DataConfig, seed: int) -> TrainDataset:
                           source=source, name=name, is_local=is_local_source(config),
                           label_column=config.label_column if config.class_conditional else None,
                           split=training_split_text(source, len(train), len(heldout)), num_heldout=len(heldout))
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A random permutation per epoch that depends only on (seed, epoch), identical on every process.
-
-    ``accelerate`` shards the batches drawn from it and calls ``set_epoch`` before each pass; a resumed run
-    therefore replays exactly the order of an uninterrupted one.
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch``'s augmentation (or permutation) from now on."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())

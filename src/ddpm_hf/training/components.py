@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from diffusers.optimization import get_scheduler
 
 from ..checkpointing import RunClock, StateHooks, TrainProgress, data_state_owner
 from ..class_labels import LabelledDataset
-from ..data import EpochShuffleSampler, TrainDataset
+from ..data import TrainDataset
 from ..ema import EMA
 from ..streaming import StreamingImageDataset, collate_stream_batch
 from .args import MODEL_PRESETS, DataArguments, ModelArguments, TrainingArguments
@@ -181,6 +181,8 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         dynamo_plugin=compile_plugin(args),
+        # The map-style order: a permutation seeded by (seed + epoch), the same on every process (`make_dataloader`).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
@@ -265,17 +267,17 @@ def _check_class_embedding(config: dict, num_classes: int | None, source: str) -
 
 def make_dataloader(dataset: TrainDataset | StreamingImageDataset, batch_size: int, seed: int, num_workers: int,
                     process_index: int = 0, num_processes: int = 1) -> torch.utils.data.DataLoader:
-    """The training loader: map-style batches in a (seed, epoch) permutation that every process shares (accelerate
-    shards them), or a stream's batches, made by the `StreamingImageDataset` for this process.
+    """The training loader: shuffled map-style batches, or a stream's batches, made by the `StreamingImageDataset`
+    for this process.
 
-    The permutation is ours rather than accelerate's seedable sampler (``use_seedable_sampler``): it is a pure
-    function of (seed, epoch) that the loop sets, for loaders accelerate did not prepare too, and resume is
-    already bit-exact with it (tests/test_training_resume.py); accelerate's needs the flag on the Accelerator.
+    Once `Accelerator.prepare`d by the accelerator of `setup_accelerator`, the shuffle is accelerate's
+    ``SeedableRandomSampler``: a permutation seeded by ``seed + epoch`` (the loop sets the epoch), the same on every
+    process, whose batches accelerate shards.
 
     Args:
         dataset: the training set.
         batch_size: images per process per micro-batch.
-        seed: the run's seed (the permutation).
+        seed: the run's seed (a stream's shuffle).
         num_workers: loader worker processes.
         process_index, num_processes: this process's rank and the process count (a stream is split by them).
     """
@@ -285,8 +287,7 @@ def make_dataloader(dataset: TrainDataset | StreamingImageDataset, batch_size: i
         # (a resumed run creates one more iterator than an uninterrupted one).
         return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                            collate_fn=collate_stream_batch, generator=torch.Generator().manual_seed(seed))
-    sampler = EpochShuffleSampler(len(dataset), seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                        drop_last=False)
 
 
