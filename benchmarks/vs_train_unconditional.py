@@ -2,10 +2,15 @@
 """Training images/s of ``training/train.py`` against diffusers' own ``train_unconditional.py``, interleaved.
 
 Same network (the tiny preset with 3 channels, because the example converts every image to RGB), the same
-1,797 digits as 16x16 RGB PNGs in an image folder, batch 64, EMA on, fp32, 1 torch thread, no loader workers,
+1,797 digits as 16x16 RGB PNGs in an image folder, batch 64, EMA on, 1 torch thread, no loader workers,
 no loss weighting in either (``--snr_gamma 0`` for ours). Each run is one process; the time between its 6th and
-its last ``accelerator.backward`` call is the steady-state training time of both loops (start-up, the example's
-per-epoch sampling and our export fall outside it).
+its second-to-last ``accelerator.backward`` call is the steady-state training time of both loops (start-up,
+compilation, the epoch's short last batch, the example's per-epoch sampling and our export fall outside it).
+
+Arms, at equal dtype: ours and the example in fp32, ours with ``--torch_compile`` (fp32; each compiled run gets a
+fresh, empty Inductor cache, so its compile cost is a cold one), and ours and the example with
+``--mixed_precision bf16``. The compile cost is reported separately: the compiled run's time from process start
+to its second backward call (its first optimizer step done) minus the eager run's.
 
 The example is not in the diffusers wheel: bring the public repository (e.g. ``git clone`` or the project's
 ``fetch``) and extract it into the git-ignored ``.peers/``::
@@ -112,7 +117,8 @@ def _timed_backward() -> list[float]:
 
 
 def child(which: str, argv: list[str], batch: int) -> None:
-    """Run one loop in this process and print its steady-state images/s as JSON."""
+    """Run one loop in this process and print its steady-state images/s and time to first step as JSON."""
+    started = time.perf_counter()
     torch.set_num_threads(1)
     stamps = _timed_backward()
     if which == "peer":
@@ -137,8 +143,11 @@ def child(which: str, argv: list[str], batch: int) -> None:
         runpy.run_path(script, run_name="__main__")
     except _StopAfterTraining:
         pass
-    steps = len(stamps) - 1 - SKIP
-    print(json.dumps({"images_per_sec": batch * steps / (stamps[-1] - stamps[SKIP]), "steps": steps,
+    # The window ends at the last batch's backward: the epoch's last, short batch (1,797 = 28 x 64 + 29) is left out
+    # of it, because a compiled network compiles once more for a new batch size there; its time is printed apart.
+    steps = len(stamps) - 2 - SKIP
+    print(json.dumps({"images_per_sec": batch * steps / (stamps[-2] - stamps[SKIP]), "steps": steps,
+                      "first_step_s": stamps[1] - started, "short_batch_s": stamps[-1] - stamps[-2],
                       "threads": torch.get_num_threads()}))
 
 
@@ -161,14 +170,57 @@ def write_unet_config(path: str) -> None:
         json.dump(config, handle)
 
 
-def arguments(which: str, work: str, run: int, batch: int, steps: int) -> list[str]:
-    out = os.path.join(work, f"{which}-{run}")
+# name: (loop, precision, extra flags of ours)
+ARMS = {"ours": ("ours", "no", []), "peer": ("peer", "no", []),
+        "ours --torch_compile": ("ours", "no", ["--torch_compile", "true"]),
+        "ours bf16": ("ours", "bf16", []), "peer bf16": ("peer", "bf16", [])}
+
+
+def arguments(arm: str, work: str, run: int, batch: int, steps: int) -> list[str]:
+    which, precision, extra = ARMS[arm]
+    out = os.path.join(work, f"{arm.replace(' ', '_')}-{run}")
     common = ["--train_data_dir", os.path.join(work, "digits"), "--resolution", "16", "--train_batch_size",
               str(batch), "--model_config_name_or_path", os.path.join(work, "unet"), "--output_dir", out,
-              "--checkpointing_steps", "100000", "--mixed_precision", "no", "--logger", "tensorboard"]
+              "--checkpointing_steps", "100000", "--mixed_precision", precision, "--logger", "tensorboard"]
     if which == "peer":
         return common + ["--num_epochs", "1", "--use_ema", "--save_model_epochs", "1000"]
-    return common + ["--num_channels", "3", "--max_train_steps", str(steps), "--snr_gamma", "0", "--use_ema", "true"]
+    return common + ["--num_channels", "3", "--max_train_steps", str(steps), "--snr_gamma", "0", "--use_ema",
+                     "true"] + extra
+
+
+def run_arm(arm: str, work: str, run: int, batch: int, steps: int) -> dict:
+    """One arm's run as a child process (a compiled one with its own empty Inductor cache: a cold compile)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(work, f"inductor-{arm.replace(' ', '_')}-{run}"))
+    command = [sys.executable, __file__, "--child", ARMS[arm][0], "--batch", str(batch), "--"] \
+        + arguments(arm, work, run, batch, steps)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(f"{arm} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, list[dict]], batch: int, steps: int) -> None:
+    """Medians per arm, the ratios at equal dtype, and the compile cost beside the compiled images/s."""
+    from ddpm_hf.hardware import describe_hardware
+
+    speed = {arm: statistics.median(r["images_per_sec"] for r in rows) for arm, rows in results.items()}
+    first = {arm: statistics.median(r["first_step_s"] for r in rows) for arm, rows in results.items()}
+    print(f"machine: {describe_hardware()}")
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"1 torch thread, batch {batch}, tiny net (3 channels) at 16x16, {steps} steps per run")
+    for arm in results:
+        print(f"median {arm}: {speed[arm]:.1f} images/s, time to first step {first[arm]:.1f} s")
+    print(f"fp32: ours / diffusers' train_unconditional.py {speed['ours'] / speed['peer']:.2f}x")
+    print(f"bf16: ours / diffusers' train_unconditional.py {speed['ours bf16'] / speed['peer bf16']:.2f}x")
+    compile_cost = [c["first_step_s"] - e["first_step_s"] for c, e in zip(results["ours --torch_compile"],
+                                                                           results["ours"])]
+    short = {arm: statistics.median(r["short_batch_s"] for r in rows) for arm, rows in results.items()}
+    print(f"fp32: ours --torch_compile / ours {speed['ours --torch_compile'] / speed['ours']:.2f}x in steady state; "
+          f"its one-off compile cost (time to first step minus eager's, per round): "
+          f"{', '.join(f'{c:.1f} s' for c in compile_cost)}, excluded from its images/s; the short last batch "
+          f"(a new shape: one more compile) took {short['ours --torch_compile']:.1f} s compiled, "
+          f"{short['ours']:.1f} s eager")
 
 
 def main() -> None:
@@ -181,30 +233,20 @@ def main() -> None:
         return child(args.child, rest[1:] if rest[:1] == ["--"] else rest, args.batch)
     if not os.path.isfile(PEER):
         sys.exit(f"{PEER} is missing: extract diffusers' example there (see this script's docstring)")
-    from ddpm_hf.hardware import describe_hardware
 
     steps = -(-1797 // args.batch)  # the example trains one epoch; ours the same number of steps
     work = tempfile.mkdtemp(prefix="ddpm_hf-vs-example-")
     write_digits(os.path.join(work, "digits"))
     write_unet_config(os.path.join(work, "unet"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    results: dict[str, list[float]] = {"ours": [], "peer": []}
+    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for run in range(args.rounds):
-        for which in (("ours", "peer") if run % 2 == 0 else ("peer", "ours")):
-            command = [sys.executable, __file__, "--child", which, "--batch", str(args.batch), "--"] \
-                + arguments(which, work, run, args.batch, steps)
-            done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                sys.exit(f"{which} failed:\n{done.stderr[-3000:]}")
-            line = json.loads(done.stdout.strip().splitlines()[-1])
-            results[which].append(line["images_per_sec"])
-            print(f"round {run} {which}: {line['images_per_sec']:.1f} images/s over {line['steps']} steps, "
+        for arm in (list(ARMS) if run % 2 == 0 else list(reversed(ARMS))):  # interleaved, order alternating
+            line = run_arm(arm, work, run, args.batch, steps)
+            results[arm].append(line)
+            print(f"round {run} {arm}: {line['images_per_sec']:.1f} images/s over {line['steps']} steps, time to "
+                  f"first step {line['first_step_s']:.1f} s, short last batch {line['short_batch_s']:.1f} s, "
                   f"{line['threads']} thread(s)", flush=True)
-    ours, peer = statistics.median(results["ours"]), statistics.median(results["peer"])
-    print(f"machine: {describe_hardware()}")
-    print(f"fp32, 1 torch thread, batch {args.batch}, tiny net (3 channels) at 16x16, {steps} steps per run")
-    print(f"median images/s: ours {ours:.1f}, diffusers' train_unconditional.py {peer:.1f}; ratio ours / diffusers "
-          f"{ours / peer:.2f}x")
+    report(results, args.batch, steps)
 
 
 if __name__ == "__main__":
