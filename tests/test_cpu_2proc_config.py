@@ -50,6 +50,7 @@ def launch_probe(tmp_path: Path, use_cpu_env: bool) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or torch.cuda.is_available(),
                     reason="needs torch.distributed (gloo) and no GPU (with GPUs the ranks would use NCCL)")
-def test_with_accelerate_use_cpu_the_config_starts_two_gloo_ranks_and_without_it_two_lone_processes(tmp_path):
+def test_with_accelerate_use_cpu_the_config_starts_two_gloo_ranks(tmp_path):
+    # Without ACCELERATE_USE_CPU, accelerate 1.15 starts two lone processes (its bug; their stdout interleaves, so
+    # it is not asserted here); the README command sets the variable.
     assert launch_probe(tmp_path, use_cpu_env=True) == [f"rank={r} type=MULTI_CPU n=2" for r in (0, 1)]
-    assert launch_probe(tmp_path, use_cpu_env=False) == ["rank=0 type=NO n=1"] * 2
