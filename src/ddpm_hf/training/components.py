@@ -199,12 +199,20 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
     threads = configure_threads(args.num_threads, accelerator.device)
     logger.info("num_processes=%d device=%s mixed_precision=%s torch_threads=%d", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, threads)
-    dynamo = accelerator.state.dynamo_plugin
-    if str(dynamo.backend.value).lower() != "no":
+    compiled = compile_settings(accelerator)
+    if compiled["dynamo_backend"] != "no":
         logger.info("torch.compile (backend %s, mode %s): the first optimizer step includes compiling the network "
-                    "(the time to first step below)", str(dynamo.backend.value).lower(), dynamo.mode)
+                    "(the time to first step below)", compiled["dynamo_backend"], compiled["dynamo_mode"])
     set_seed(args.seed)
     return accelerator
+
+
+def compile_settings(accelerator: Accelerator) -> dict[str, str | None]:
+    """The torch.compile backend and mode in force (accelerate's dynamo plugin, from ``--torch_compile`` or
+    accelerate's config): ``{"dynamo_backend": "no" | "inductor" | ..., "dynamo_mode": None when eager}``."""
+    plugin = accelerator.state.dynamo_plugin
+    backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
+    return {"dynamo_backend": backend, "dynamo_mode": None if backend == "no" else plugin.mode}
 
 
 def base_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..checkpointing import PREFIX, read_marker, resolve_checkpoint
 from .args import EXECUTION_ARGS, RESULT_NEUTRAL_ARGS, RESUMABLE_CHANGES, public_args
-from .components import TrainingRun
+from .components import TrainingRun, compile_settings
 from .export import GRID_FILENAME
 from .loss_history import HISTORY_FILENAME, PLOT_FILENAME
 
@@ -71,14 +71,8 @@ def run_identity(run: TrainingRun) -> dict[str, Any]:
     length = {key: args[key] for key in sorted(RESUMABLE_CHANGES)}
     evaluation = {key: args[key] for key in EVALUATION_ARGS}
     return {"config_hash": digest, "seed": run.args.seed, "config": config, "length": length,
-            "evaluation": evaluation, "execution": _execution(run)}
+            "evaluation": evaluation, "execution": compile_settings(run.accelerator)}
 
-
-def _execution(run: TrainingRun) -> dict[str, Any]:
-    """The torch.compile backend and mode in force (accelerate's dynamo plugin); the mode is None when eager."""
-    plugin = run.accelerator.state.dynamo_plugin
-    backend = str(getattr(plugin.backend, "value", plugin.backend)).lower()
-    return {"dynamo_backend": backend, "dynamo_mode": None if backend == "no" else plugin.mode}
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
