@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -21,16 +20,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # so tests can `import hub_server` under xdist too
 
-from fault_injection import FastSleep  # noqa: E402  (needs the path above)
+from fault_injection import FastSleep, free_port  # noqa: E402  (needs the path above)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-_PORT = _free_port()
+_PORT = free_port()
 _ENDPOINT = f"http://127.0.0.1:{_PORT}"
 _SESSION_HF_HOME = tempfile.mkdtemp(prefix="ddpm_hf-hf_home-")
 atexit.register(shutil.rmtree, _SESSION_HF_HOME, ignore_errors=True)
@@ -42,6 +35,9 @@ os.environ["DDPM_HF_CACHE"] = os.path.join(_SESSION_HF_HOME, "ddpm_hf")  # digit
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_UPDATE_CHECK"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# Inductor compiles in this process (and in the training subprocesses, which inherit it), not in a pool of compile
+# workers: on 2 cores beside the other xdist worker the pool only adds processes that contend and can stall.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,10 @@ its own pid to kill, its own stdout/stderr files and its own exit status, but st
 Protocol on the helper's stdin/stdout: one JSON request per line, one JSON reply per line::
 
     {"argv": [...], "faults": [Fault...], "env": {"NAME": "value" | null}, "kwdefaults": {"mod:Class.fn": {...}},
-     "stdout": "/path", "stderr": "/path"}  ->  {"returncode": int}   (-9 when the run was SIGKILLed)
+     "stdout": "/path", "stderr": "/path", "timeout": seconds}  ->  {"returncode": int, "timed_out": bool}
+
+(returncode -9 when the run was SIGKILLed; a run still going after ``timeout`` seconds is SIGKILLed by the helper
+and reported as timed out, so that a hung run fails its test instead of hanging the suite.)
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +43,7 @@ TRAIN_SCRIPT = str(ROOT / "training" / "train.py")
 TINY_UNET_CONFIG = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4,
                     "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
                     "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": None}
-ACTIONS = ("kill", "kill_after", "raise_enospc", "raise_eacces", "nan", "inf", "require_weights_only")
+ACTIONS = ("kill", "kill_after", "raise_enospc", "raise_eacces", "nan", "inf", "require_weights_only", "hang")
 
 
 @dataclass
@@ -50,7 +55,8 @@ class Fault:
         action: ``kill`` (SIGKILL before the call), ``kill_after`` (SIGKILL after the call returned), ``raise_enospc``
             / ``raise_eacces`` (``OSError`` before the call, naming no path, like a failing ``write``), ``nan`` /
             ``inf`` (the call's tensor result times NaN / +inf), ``require_weights_only`` (fail any call that
-            does not pass ``weights_only=True``; for ``torch.load``).
+            does not pass ``weights_only=True``; for ``torch.load``), ``hang`` (sleep before the call until the
+            runner's timeout kills the process: a rank that stops answering).
         at_call: the 1-based call number at which the action fires (and, for ``nan``/``inf``, only that one).
     """
 
@@ -70,10 +76,12 @@ class RunResult:
     returncode: int
     stdout: str
     stderr: str
+    timed_out: bool = False
 
     @property
     def killed(self) -> bool:
-        return self.returncode == -signal.SIGKILL
+        """SIGKILLed by an injected fault (not by the runner's timeout)."""
+        return self.returncode == -signal.SIGKILL and not self.timed_out
 
 
 @dataclass
@@ -84,6 +92,38 @@ class RunRequest:
     faults: list[dict] = field(default_factory=list)
     env: dict[str, str | None] = field(default_factory=dict)
     kwdefaults: dict[str, dict] = field(default_factory=dict)
+    timeout: float = 300
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a rendezvous or a local server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Each rank writes its own file: two ranks printing to one pipe can interleave their lines.
+_PROBE = """
+import os, sys
+from pathlib import Path
+from accelerate import Accelerator
+a = Accelerator()
+Path(sys.argv[1], f"rank{a.process_index}.txt").write_text(REPORT)
+"""
+
+
+def launch_probe(tmp_path: Path, config: Path, report: str) -> list[str]:
+    """``accelerate launch --config_file config`` a script that builds an Accelerator ``a`` and has each rank
+    report the f-string expression ``report``; returns the ranks' reports, sorted."""
+    probe, reports = tmp_path / "probe.py", tmp_path / "reports"
+    probe.write_text(_PROBE.replace("REPORT", report))
+    reports.mkdir()
+    command = ["accelerate", "launch", "--config_file", str(config), "--main_process_port", str(free_port()),
+               str(probe), str(reports)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sorted(path.read_text() for path in reports.glob("rank*.txt"))
 
 
 def tiny_train_args(output_dir: str | os.PathLike, steps: int = 6, *extra: str) -> list[str]:
@@ -140,7 +180,7 @@ class TrainingRunner:
         self._count += 1
         out, err = self.log_dir / f"run{self._count}.out", self.log_dir / f"run{self._count}.err"
         request = RunRequest([str(a) for a in argv], str(out), str(err), [asdict(f) for f in faults], env or {},
-                             kwdefaults or {})
+                             kwdefaults or {}, timeout)
         if self._proc.poll() is not None:
             raise RuntimeError(f"the fault-injection runner died; see {self.log_dir / 'runner.err'}")
         self._proc.stdin.write(json.dumps(asdict(request)) + "\n")
@@ -148,8 +188,9 @@ class TrainingRunner:
         reply = self._proc.stdout.readline()
         if not reply:
             raise RuntimeError(f"the fault-injection runner died; see {self.log_dir / 'runner.err'}")
-        returncode = json.loads(reply)["returncode"]
-        return RunResult(returncode, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        reply = json.loads(reply)
+        return RunResult(reply["returncode"], out.read_text(errors="replace"), err.read_text(errors="replace"),
+                         reply["timed_out"])
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -190,6 +231,9 @@ def _wrap(original, fault: Fault):
             return original(*args, **kwargs)
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if fault.action == "hang":
+            while True:
+                time.sleep(60)
         if fault.action in ("raise_enospc", "raise_eacces"):
             code = errno.ENOSPC if fault.action == "raise_enospc" else errno.EACCES
             raise OSError(code, os.strerror(code))
@@ -279,8 +323,23 @@ def serve() -> None:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        status, timed_out = _wait(pid, request["timeout"], request["stderr"])
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}), flush=True)
+
+
+def _wait(pid: int, timeout: float, stderr_path: str) -> tuple[int, bool]:
+    """The child's wait status, SIGKILLing it (and saying so at the end of its stderr) once ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status, False
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    with open(stderr_path, "a") as err:
+        err.write(f"\nfault_injection: the run was still going after {timeout:g} s and was killed\n")
+    return status, True
 
 
 if __name__ == "__main__":

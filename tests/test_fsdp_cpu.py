@@ -8,25 +8,19 @@ docs/training.md, "Several processes and machines"). DeepSpeed is not installed:
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
+from fault_injection import launch_probe
 
 from ddpm_hf.models import blocks
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "accelerate_configs"
-PROBE = """
-import os
-from accelerate import Accelerator
-a = Accelerator()
-print(f"rank={a.process_index} type={a.distributed_type.value} n={a.num_processes} "
-      f"fsdp_env={os.environ.get('ACCELERATE_USE_FSDP')} fsdp_plugin={getattr(a.state, 'fsdp_plugin', None) is not None}", flush=True)
-"""
+REPORT = ('f"rank={a.process_index} type={a.distributed_type.value} n={a.num_processes} "'
+          'f"fsdp_env={os.environ.get(\'ACCELERATE_USE_FSDP\')} '
+          'fsdp_plugin={getattr(a.state, \'fsdp_plugin\', None) is not None}"')
 
 
 @pytest.mark.parametrize("name, kind, machines", [("ddp", "MULTI_GPU", 1), ("multi_node", "MULTI_GPU", 2),
@@ -46,16 +40,6 @@ def test_the_fsdp_example_wraps_classes_that_exist():
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
 def test_the_fsdp_config_on_a_cpu_runs_as_data_parallel_gloo_ranks(tmp_path):
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = ["accelerate", "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--main_process_port", str(port),
-               str(probe)]
-    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
+    lines = launch_probe(tmp_path, CONFIGS / "fsdp.yaml", REPORT)
     # the launcher did ask for FSDP (the variable is set), accelerate chose gloo data parallelism without a plugin
-    assert lines == [f"rank={r} type=MULTI_CPU n=2 fsdp_env=true fsdp_plugin=False" for r in (0, 1)], result.stdout
+    assert lines == [f"rank={r} type=MULTI_CPU n=2 fsdp_env=true fsdp_plugin=False" for r in (0, 1)]

@@ -9,13 +9,12 @@ main process may write the export and the checkpoint folder, every rank its own 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from fault_injection import ROOT, TRAIN_SCRIPT, tiny_train_args
+from fault_injection import ROOT, TRAIN_SCRIPT, free_port, tiny_train_args
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow,
@@ -29,12 +28,6 @@ LAUNCH = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--mixe
 WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "unet_raw/diffusion_pytorch_model.safetensors",
                 f"checkpoint-{STEPS}/model.safetensors", f"checkpoint-{STEPS}/ema.safetensors",
                 f"checkpoint-{STEPS}/generator_0.safetensors", f"checkpoint-{STEPS}/generator_1.safetensors")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_env() -> dict[str, str]:

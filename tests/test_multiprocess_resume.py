@@ -13,13 +13,12 @@ lost: its peer must stop on the broken connection, not hang, and the checkpoint 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from fault_injection import Fault, RunResult, TrainingRunner, tiny_train_args
+from fault_injection import Fault, RunResult, TrainingRunner, free_port, tiny_train_args
 from safetensors.torch import load_file
 
 from ddpm_hf.checkpointing import resolve_checkpoint
@@ -29,12 +28,6 @@ pytestmark = [pytest.mark.slow,
 
 STEPS = 6  # tiny_train_args: checkpoints at 2, 4, 6, an export at 4 and at the end
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_env(rank: int, port: int) -> dict[str, str]:
@@ -50,12 +43,15 @@ def ranks(training_runner, tmp_path_factory):
         yield [training_runner, second]
 
 
-def run_two(ranks, argv: list[str], faults: dict[int, list[Fault]] | None = None) -> list[RunResult]:
-    """Run ``train.py argv`` as ranks 0 and 1 of one gloo group, at the same time; each rank's faults apply to it."""
+def run_two(ranks, argv: list[str], faults: dict[int, list[Fault]] | None = None,
+            timeouts: tuple[float, float] = (300, 300)) -> list[RunResult]:
+    """Run ``train.py argv`` as ranks 0 and 1 of one gloo group, at the same time; each rank's faults apply to it,
+    and each is killed once its timeout passes."""
     port, results = free_port(), [None] * WORLD
 
     def one(rank: int) -> None:
-        results[rank] = ranks[rank].run(argv, faults=(faults or {}).get(rank, []), env=rank_env(rank, port))
+        results[rank] = ranks[rank].run(argv, faults=(faults or {}).get(rank, []), env=rank_env(rank, port),
+                                        timeout=timeouts[rank])
 
     threads = [threading.Thread(target=one, args=(rank,)) for rank in range(WORLD)]
     for thread in threads:
@@ -157,3 +153,18 @@ def test_two_process_streaming_run_killed_and_resumed_is_bit_identical(ranks, tm
                                                                        faults, leftover):
     streaming = ["--streaming", "true", "--dataset_name", str(parquet_shards), "--shuffle_buffer_size", "8"]
     kill_resume_compare(ranks, tmp_path, streaming + list(extra), faults, leftover)
+
+
+def test_a_rank_that_stops_answering_fails_its_peer_after_the_ddp_timeout(ranks, tmp_path):
+    # Rank 1 hangs before its second optimizer step; rank 0 then waits in a collective. With torch's default
+    # (1800 s) it would still be waiting when its runner kills it at 120 s; --ddp_timeout 5 ends it first.
+    hang = {1: [Fault("torch.optim:AdamW.step", "hang", at_call=2)]}
+    out = tmp_path / "out"
+    first, second = run_two(ranks, tiny_train_args(out, STEPS, "--ddp_timeout", "5"), hang, timeouts=(120, 20))
+    assert second.timed_out
+    assert first.returncode != 0 and not first.timed_out, first.stderr[-3000:]
+    # (after the progress bar, on its line)
+    [line] = [line.split("error: ", 1)[1] for line in first.stderr.splitlines() if "error: " in line]
+    assert line.startswith("another process of this run stopped answering or died (") and "Timed out" in line
+    assert "--resume_from_checkpoint latest" in line and "Traceback" not in first.stderr
+    assert resolve_checkpoint(str(out), "latest") is None and not (out / "unet").exists()  # it stopped at step 2

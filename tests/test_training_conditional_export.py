@@ -113,10 +113,11 @@ def test_eval_measures_per_class_and_push_sends_the_export(tmp_path, monkeypatch
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")
 def test_two_processes_shard_images_and_labels_together(tmp_path):
     """A real 2-rank gloo run: accelerate shards the (images, labels) batches field by field."""
-    from test_training_resume import SCRIPT, _env, _free_port
+    from fault_injection import free_port
+    from test_training_resume import SCRIPT, _env
 
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT]
     flags = tiny_flags(tmp_path, max_train_steps=3, train_batch_size=64, class_conditional="true")
     result = subprocess.run(command + flags, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True,
                             text=True, timeout=300)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fault_injection import free_port
 from test_training import ROOT, assert_same_tensors, tiny_flags
 
 from ddpm_hf import checkpointing
@@ -71,7 +72,7 @@ def test_two_processes_train_and_write_the_export_once(tmp_path):
     # accelerate 1.15: `accelerate launch --cpu --num_processes 2` silently runs one process; --multi_gpu gives two
     # gloo ranks on a GPU-less machine only with ACCELERATE_USE_CPU=1 (docs/training.md). The log proves it.
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT]
     flags = tiny_flags(tmp_path, max_train_steps=3, checkpointing_steps=2, train_batch_size=64)
     result = subprocess.run(command + flags, env=dict(_env(), ACCELERATE_USE_CPU="1"), capture_output=True,
                             text=True, timeout=300)
@@ -92,15 +93,9 @@ def test_ranks_that_each_think_they_are_alone_are_refused(tmp_path):
     env = _env()
     env.pop("ACCELERATE_USE_CPU", None)
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), SCRIPT]
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), SCRIPT]
     result = subprocess.run(command + tiny_flags(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "set ACCELERATE_USE_CPU=1" in result.stderr
     assert not (tmp_path / "out" / "unet").exists()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

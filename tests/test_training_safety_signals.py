@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 from test_training import assert_same_tensors, tiny_flags
-from test_training_resume import SCRIPT, _env, _final_state, _free_port
+from fault_injection import free_port
+from test_training_resume import SCRIPT, _env, _final_state
 
 from ddpm_hf.checkpointing import list_checkpoints
 from ddpm_hf.training.interrupts import CheckpointTimer, StopRequest, step_decisions
@@ -174,7 +175,7 @@ TWO_PROCESS_FLAGS = dict(COMMON, max_train_steps=24)
 
 
 def _two_process_command(tmp_path, out, *extra):
-    return TWO_PROCESSES + ["--main_process_port", str(_free_port()), SCRIPT] \
+    return TWO_PROCESSES + ["--main_process_port", str(free_port()), SCRIPT] \
         + tiny_flags(tmp_path, out=out, **TWO_PROCESS_FLAGS) + list(extra)
 
 

@@ -17,7 +17,7 @@ from ddpm_hf.streaming import build_streaming_dataset
 from ddpm_hf.training import (NonFiniteLossError, PeriodicOutputs, PipelineClasses, ThroughputMeter, build_run, finish,
                               log_dataset, parse_args, prepare_output_dir, resume, setup_accelerator, start_pusher,
                               start_trackers, train_loop)
-from ddpm_hf.training.interrupts import TrainingInterrupted
+from ddpm_hf.training.interrupts import TrainingInterrupted, lost_peer_message
 
 
 def main(argv: list[str] | None = None, classes: PipelineClasses | None = None) -> dict:
@@ -69,3 +69,8 @@ if __name__ == "__main__":
         sys.exit(f"error: {err}")
     except (ValueError, TypeError) as err:  # bad input: the message names the flag, file or folder
         sys.exit(f"{type(err).__name__}: {err}")
+    except RuntimeError as err:  # a collective failed because a peer hung (--ddp_timeout) or died
+        message = lost_peer_message(err)
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")

@@ -121,6 +121,10 @@ class TrainingArguments:
                                 "time to first step). Default: accelerate's config (--dynamo_backend)."})
     torch_compile_mode: str = field(default="default", metadata=_choices(TORCH_COMPILE_MODES, "torch.compile's mode "
                                     "with --torch_compile."))
+    ddp_timeout: int = field(default=1800, metadata={"help": "Seconds a process waits for the others in a "
+                             "collective (gradient all-reduce, barrier) before it fails: a rank that stops answering "
+                             "ends the run after this long instead of hanging it (torch's and transformers' default "
+                             "1800)."})
     skip_nonfinite_steps: bool = field(default=False, metadata={"help": "Skip optimizer steps whose loss is NaN/inf "
                                        "instead of stopping."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps."})
@@ -157,7 +161,7 @@ RESULT_NEUTRAL_ARGS = frozenset({
     "checkpoints_total_limit", "save_images_steps", "save_model_steps", "logger", "logging_dir", "logging_steps",
     "push_to_hub", "hub_model_id", "hub_private_repo", "hub_token", "license", "eval", "eval_num_samples",
     "eval_batch_size", "grid_sampler", "ddpm_num_inference_steps", "guidance_scale", "num_threads",
-    "dataloader_num_workers",
+    "dataloader_num_workers", "ddp_timeout",
     "cache_dir", "skip_nonfinite_steps", "model_config_name_or_path", "mixed_precision",
 })
 # The run's length may change on resume (to train longer), with a warning: the LR schedule is rebuilt for the new
@@ -256,7 +260,8 @@ def validate(data: DataArguments, model: ModelArguments, train: TrainingArgument
               "--checkpointing_steps": train.checkpointing_steps, "--logging_steps": train.logging_steps,
               "--eval_num_samples": train.eval_num_samples, "--max_train_steps": train.max_train_steps,
               "--save_images_steps": train.save_images_steps, "--save_model_steps": train.save_model_steps,
-              "--num_threads": train.num_threads, "--checkpoints_total_limit": train.checkpoints_total_limit}
+              "--num_threads": train.num_threads, "--checkpoints_total_limit": train.checkpoints_total_limit,
+              "--ddp_timeout": train.ddp_timeout}
     for name, value in counts.items():
         if value is not None:
             check_int(name, value, 1)

@@ -7,6 +7,7 @@ another optimiser) and hand it to `ddpm_hf.training.loop.train_loop`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import (DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, TorchDynamoPlugin,
+                               set_seed)
 from diffusers.optimization import get_scheduler
 
 from ..checkpointing import RunClock, StateHooks, TrainProgress, data_state_owner
@@ -184,6 +186,7 @@ def setup_accelerator(args: TrainingArguments) -> Accelerator:
         # The map-style order: a permutation seeded by (seed + epoch), the same on every process (`make_dataloader`).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         log_with=None if args.logger == "none" else args.logger,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, args.logging_dir)),
     )

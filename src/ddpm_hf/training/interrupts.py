@@ -1,5 +1,5 @@
-"""Stopping cleanly: SIGINT/SIGTERM end the run after the current optimizer step with a checkpoint, and
-``--checkpointing_minutes`` saves by the clock.
+"""Stopping cleanly: SIGINT/SIGTERM end the run after the current optimizer step with a checkpoint,
+``--checkpointing_minutes`` saves by the clock, and a lost peer process is reported in one line.
 
 The loop asks both at every optimizer step; under several processes the answers are combined in the one
 reduction it already does for the finiteness of the loss (`step_decisions`), so every rank stops, or saves,
@@ -41,6 +41,27 @@ class TrainingInterrupted(Exception):
     def exit_code(self) -> int:
         """128 + the signal number, as a shell reports a process ended by it (130 SIGINT, 143 SIGTERM)."""
         return 128 + self.signum
+
+
+# What gloo and NCCL say when a peer process stopped answering (--ddp_timeout passed) or went away.
+_PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "Watchdog caught collective operation timeout")
+
+
+def lost_peer_message(err: BaseException) -> str | None:
+    """The one-line report of a collective that failed because another process of the run hung or died, or
+    None when ``err`` is something else.
+
+    Args:
+        err: an exception raised by the training loop.
+    """
+    text = str(err)
+    if not isinstance(err, RuntimeError) or not any(marker in text for marker in _PEER_LOST):
+        return None
+    detail = text.strip().splitlines()[-1] if text.strip() else text
+    return (f"another process of this run stopped answering or died ({detail}); its own log says why. The saved "
+            f"checkpoints are intact: rerun with --resume_from_checkpoint latest (--ddp_timeout sets how long a "
+            f"process waits for the others)")
 
 
 class StopRequest:
