@@ -34,6 +34,7 @@ CONFIGS = {  # name: (scheduler, the grid's sampler)
     "ddim_sigmoid": (ddpm_hf.DDIMScheduler(num_train_timesteps=30, beta_schedule="sigmoid"), "DDIM"),
 }
 STOCK = {"ddpm_50_steps", "ddim_leading"}  # the others are remote code: stock diffusers samples them wrongly
+NO_DPM_SOLVER = {"ddim_sigmoid"}  # diffusers' DPMSolverMultistepScheduler raises NotImplementedError for sigmoid
 # Runs each (cwd, code) with ddpm_hf unimportable: what a user with only diffusers installed gets.
 STOCK_RUNNER = textwrap.dedent("""
     import json, os, sys
@@ -84,7 +85,10 @@ def test_each_card_has_the_diffusers_and_the_ddpm_hf_snippet(cards):
     for name, (folder, readme) in cards.items():
         stock = json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
         assert stock == (not (folder / "pipeline_ddpm_hf.py").exists()) == (name in STOCK), name
-        diffusers_block, ours_block = python_blocks(readme)
+        diffusers_block, ours_block, *fastest = python_blocks(readme)
+        assert len(fastest) == (name not in NO_DPM_SOLVER), name  # the fast recipe only where it can sample
+        for block in fastest:
+            assert "DPMSolverMultistepScheduler.from_config" in block and "num_inference_steps=6," in block
         assert ("trust_remote_code=True" in diffusers_block) == (not stock), name
         assert ("no remote code" in readme) == stock, name
         assert "ddpm_hf.DDPMPipeline.from_pretrained('./model')" in ours_block
@@ -108,9 +112,9 @@ def test_remote_code_and_ddpm_hf_snippets_run(cards, monkeypatch):
     remote = 0
     for folder, readme in cards.values():  # one process: remote code imports ddpm_hf, as the card says
         monkeypatch.chdir(folder.parent)
-        diffusers_block, ours_block = python_blocks(readme)
-        blocks = [ours_block] + ([diffusers_block] if "trust_remote_code=True" in diffusers_block else [])
-        remote += len(blocks) - 1
+        diffusers_block, ours_block, *fastest = python_blocks(readme)
+        remote += "trust_remote_code=True" in diffusers_block
+        blocks = [ours_block, *fastest] + ([diffusers_block] if "trust_remote_code=True" in diffusers_block else [])
         for block in blocks:
             namespace = {"__name__": "__main__"}
             exec(compile(block, "card-snippet", "exec"), namespace)

@@ -60,8 +60,8 @@ def test_the_card_lists_the_classes_and_says_how_the_grid_was_guided(export):
     assert re.search(r"null class \(id\s+10,", readme)
     assert re.search(r"guidance scale w = 3 \(samples.png\)\. One row per class, top to bottom: 0, 1, 2, .*, 9 "
                      r"\(classifier-free guidance\)\.", readme)
-    remote, ours = python_blocks(readme)
-    for block in (remote, ours):
+    remote, ours, fastest = python_blocks(readme)
+    for block in (remote, ours, fastest):
         assert "class_labels=['7'] * 16, guidance_scale=3.0" in block
     assert "trust_remote_code=True" in remote
 

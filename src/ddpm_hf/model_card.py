@@ -343,7 +343,28 @@ def _usage_vars(run: RunFacts, folder: SavedFolder, out: Path) -> dict[str, Any]
         "ours_scheduler": f"{grid.sampler}Scheduler" if grid and grid.sampler != saved_sampler else None,
         "ours_steps": grid.num_inference_steps if grid else steps,
         "ours_seed": grid.seed if grid else 0,
+        "fast_recipe": _dpm_solver_fits(folder),
+        "fast_steps": FAST_RECIPE_STEPS,
     }
+
+
+# The fewest DPM-Solver++ steps whose 500 digits reached the real-vs-real FID band on the default recipe's export
+# (benchmarks/time_to_quality.py; the README's speed table).
+FAST_RECIPE_STEPS = 6
+
+
+def _dpm_solver_fits(folder: SavedFolder) -> bool:
+    """Whether diffusers' DPMSolverMultistepScheduler can sample this folder's schedule (the card's fast recipe):
+    it has no sigmoid betas, and it cuts a learned variance to 3 channels whatever the image has."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if folder.scheduler_config.get("variance_type") in ("learned", "learned_range"):
+        return False
+    try:
+        DPMSolverMultistepScheduler.from_config(folder.scheduler_config)
+    except (NotImplementedError, ValueError):
+        return False
+    return True
 
 
 def _class_vars(run: RunFacts) -> dict[str, Any]:
