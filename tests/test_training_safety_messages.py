@@ -128,3 +128,19 @@ def test_under_accelerate_launch_our_line_is_just_above_the_launchers_traceback(
     troubleshooting = (root / "docs" / "training.md").read_text().split("## Troubleshooting", 1)[1]
     assert "CalledProcessError" in troubleshooting and "the last line before" in troubleshooting
     assert not (tmp_path / "o").exists()
+
+
+def test_only_a_failed_collective_of_a_distributed_run_is_reported_as_a_lost_peer(monkeypatch):
+    import torch
+
+    from ddpm_hf.training.interrupts import lost_peer_message
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:4242")
+    assert lost_peer_message(gloo) is None  # one process: there is no peer to lose
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    message = lost_peer_message(gloo)
+    assert message.startswith("another process of this run stopped answering or died ([../third_party/gloo/gloo/"
+                              "transport/tcp/pair.cc:534] Connection closed by peer [::1]:4242); its own log says why")
+    assert "--resume_from_checkpoint latest" in message and "--ddp_timeout" in message
+    assert lost_peer_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert lost_peer_message(ValueError("Timed out waiting for the user")) is None

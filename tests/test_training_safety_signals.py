@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from test_training import assert_same_tensors, tiny_flags
 from fault_injection import free_port
+from test_training import assert_same_tensors, tiny_flags
 from test_training_resume import SCRIPT, _env, _final_state
 
 from ddpm_hf.checkpointing import list_checkpoints
