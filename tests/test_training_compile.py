@@ -137,7 +137,10 @@ def test_no_cpp_compiler_is_refused_naming_the_flag(monkeypatch):
     from torch._inductor import config
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
-    monkeypatch.setattr(config.cpp, "cxx", ("no-such-c++-compiler-ddpm-hf",))
-    with pytest.raises(ValueError, match="--torch_compile needs a C\\+\\+ compiler"):
+    # torch's own patch, not monkeypatch: pytest >= 9.2 undoes a setattr on this config proxy by deleting the
+    # attribute, which hides cpp.cxx from every later Inductor compile in the process.
+    with config.patch({"cpp.cxx": ("no-such-c++-compiler-ddpm-hf",)}), \
+            pytest.raises(ValueError, match="--torch_compile needs a C\\+\\+ compiler"):
         compile_plugin(TrainingArguments(torch_compile=True))
+    assert config.cpp.cxx != ("no-such-c++-compiler-ddpm-hf",)
     assert compile_plugin(TrainingArguments()) is None  # accelerate's own config decides
