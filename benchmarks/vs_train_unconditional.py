@@ -117,10 +117,40 @@ def _timed_backward() -> list[float]:
     return stamps
 
 
+def _timed_parts() -> dict[str, list[float]]:
+    """Record how long each step's parts take in either loop: the loader's next batch, the network's training
+    forward, ``Accelerator.backward`` and AdamW's step (medians go into the child's JSON as ``parts_ms``)."""
+    import accelerate
+    import diffusers
+    import torch.utils.data.dataloader as loader
+
+    import ddpm_hf
+
+    parts: dict[str, list[float]] = {"data": [], "forward": [], "backward": [], "adamw": []}
+    targets = [(loader._BaseDataLoaderIter, "__next__", "data"), (diffusers.UNet2DModel, "forward", "forward"),
+               (ddpm_hf.UNet2DModel, "forward", "forward"), (accelerate.Accelerator, "backward", "backward"),
+               (torch.optim.AdamW, "step", "adamw")]
+    for owner, name, part in targets:
+        original = getattr(owner, name)
+
+        def timed(*args, _original=original, _part=part, **kwargs):
+            if _part == "forward" and not torch.is_grad_enabled():  # sampling for grids is not a training step
+                return _original(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                parts[_part].append(time.perf_counter() - start)
+
+        setattr(owner, name, timed)
+    return parts
+
+
 def child(which: str, argv: list[str], batch: int) -> None:
     """Run one loop in this process and print its steady-state images/s and time to first step as JSON."""
     started = time.perf_counter()
     torch.set_num_threads(1)
+    parts = _timed_parts()
     stamps = _timed_backward()
     if which == "peer":
         # First: diffusers and datasets probe for torchvision at import time, and must find none.
@@ -149,7 +179,8 @@ def child(which: str, argv: list[str], batch: int) -> None:
     steps = len(stamps) - 2 - SKIP
     print(json.dumps({"images_per_sec": batch * steps / (stamps[-2] - stamps[SKIP]), "steps": steps,
                       "first_step_s": stamps[1] - started, "short_batch_s": stamps[-1] - stamps[-2],
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(),
+                      "parts_ms": {k: 1e3 * statistics.median(v[SKIP:]) for k, v in parts.items() if v[SKIP:]}}))
 
 
 def write_digits(folder: str) -> None:
@@ -211,7 +242,9 @@ def report(results: dict[str, list[dict]], batch: int, steps: int) -> None:
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"1 torch thread, batch {batch}, tiny net (3 channels) at 16x16, {steps} steps per run")
     for arm in results:
-        print(f"median {arm}: {speed[arm]:.1f} images/s, time to first step {first[arm]:.1f} s")
+        split = {k: statistics.median(r["parts_ms"][k] for r in results[arm]) for k in results[arm][0]["parts_ms"]}
+        print(f"median {arm}: {speed[arm]:.1f} images/s, time to first step {first[arm]:.1f} s; a step's parts "
+              f"(median ms): {', '.join(f'{k} {v:.1f}' for k, v in split.items())}")
     for dtype, mine, theirs in (("fp32", "ours", "peer"), ("bf16", "ours bf16", "peer bf16")):
         if mine in speed and theirs in speed:
             print(f"{dtype}: ours / diffusers' train_unconditional.py {speed[mine] / speed[theirs]:.2f}x")
