@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from fault_injection import free_port
 from test_streaming import digit_pngs, write_shards
 
 from ddpm_hf.data import DataConfig
@@ -41,11 +42,16 @@ DRIVER = textwrap.dedent('''
 
 
 def launch(*args, timeout=240):
+    """Two gloo ranks at a port free now (not port 0: each rendezvous gets its own known port); a run still going
+    after ``timeout`` fails the test with what it printed."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           "0", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+           str(free_port()), *args]
+    try:
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"still running after {timeout} s; its stderr ends:\n{(err.stderr or b'')[-3000:]!r}")
 
 
 @pytest.mark.slow
@@ -75,7 +81,7 @@ def test_two_processes_with_epochs_of_different_lengths_train_and_checkpoint_eac
     out = tmp_path / "out"
     result = launch("training/train.py", *tiny_train_args(out, 6, "--streaming", "true", "--dataset_name",
                                                            str(folder), "--train_batch_size", "4",
-                                                           "--num_channels", "1"))
+                                                           "--num_channels", "1", "--ddp_timeout", "60"))
     assert result.returncode == 0, result.stderr[-3000:]
     states = [json.loads((out / "checkpoint-6" / f"data_state_{r}.json").read_text()) for r in (0, 1)]
     assert [s["world_size"] for s in states] == [2, 2] and [s["rank"] for s in states] == [0, 1]
