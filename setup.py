@@ -52,7 +52,7 @@ setup(
         # benchmarks/cfg_sweep.py plots its guidance sweep (matplotlib is a dependency now; kept for old commands).
         "bench": ["matplotlib"],
         # The tests run the offline Inception FID too, so the test extra includes it.
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "hypothesis>=6", "scipy", "mpmath",
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "pytest-rerunfailures>=14", "hypothesis>=6", "scipy", "mpmath",
                  *FID_EXTRA],
     },
 )

@@ -74,6 +74,7 @@ def test_two_processes_stream_disjoint_shares_that_make_up_the_epoch(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.flaky(reruns=1)  # a two-process launch hung once at 240 s (see tests/test_multiprocess_resume.py)
 def test_two_processes_with_epochs_of_different_lengths_train_and_checkpoint_each_position(tmp_path):
     from fault_injection import tiny_train_args
 
