@@ -59,7 +59,7 @@ def lost_peer_message(err: BaseException) -> str | None:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or not isinstance(err, RuntimeError) or not any(marker in text for marker in _PEER_LOST):
         return None  # e.g. a "Broken pipe" of a one-process run is not about a peer
-    detail = text.strip().splitlines()[-1] if text.strip() else text
+    detail = text.strip().splitlines()[-1]  # non-empty: it holds a marker
     return (f"another process of this run stopped answering or died ({detail}); its own log says why. The saved "
             f"checkpoints are intact: rerun with --resume_from_checkpoint latest (--ddp_timeout sets how long a "
             f"process waits for the others)")
